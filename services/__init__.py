@@ -1,0 +1,1 @@
+"""The Mailroom processes: poller, router, sender and the admin tools."""

@@ -1,0 +1,1 @@
+"""Code every Mailroom service shares: messages, settings, schema, broker."""

@@ -1,0 +1,123 @@
+"""Settings of a channel's inbound and outbound accounts.
+
+Non-secret settings are stored as JSON on the channel; the password, client
+secret or tokens are kept apart, encrypted (see ``shared.secrets``), and never
+appear in these models' repr.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
+IPV6 = re.compile(r"^[0-9A-Fa-f:.]+$")
+
+
+class Security(StrEnum):
+    TLS = "tls"  # implicit TLS from the first byte
+    STARTTLS = "starttls"
+    NONE = "none"
+
+
+def check_host(value: str) -> str:
+    value = value.strip()
+    if not value:
+        raise ValueError("a host name or address is required")
+    if HOSTNAME.match(value) or (":" in value and IPV6.match(value)):
+        return value
+    raise ValueError(f"{value!r} is not a valid host name or IP address")
+
+
+class _Account(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _ServerAccount(_Account):
+    host: str
+    port: int = Field(ge=1, le=65535)
+    security: Security = Security.TLS
+    username: str = Field(min_length=1)
+    verify_tls: bool = Field(
+        True, description="Check the server certificate and host name."
+    )
+    ca_file: str | None = Field(
+        None, description="PEM file of extra trusted CAs (a private CA)."
+    )
+
+    @field_validator("host")
+    @classmethod
+    def _valid_host(cls, value: str) -> str:
+        return check_host(value)
+
+
+class ImapAccount(_ServerAccount):
+    type: Literal["imap"] = "imap"
+    folder: str = "INBOX"
+    idle: bool = Field(True, description="Use IMAP IDLE where the server has it.")
+
+
+class Pop3Account(_ServerAccount):
+    type: Literal["pop3"] = "pop3"
+
+
+class GraphAccount(_Account):
+    type: Literal["graph"] = "graph"
+    tenant_id: str = Field(min_length=1)
+    client_id: str = Field(min_length=1)
+    mailbox: str = Field(min_length=3)
+    redirect_uri: str = ""
+    auth_flow: Literal["authorization_code", "client_credentials"] = (
+        "client_credentials"
+    )
+    authority_host: str = Field(
+        "https://login.microsoftonline.com", description="Azure AD endpoint."
+    )
+    graph_url: str = Field("https://graph.microsoft.com/v1.0")
+    processed_folder: str = Field(
+        "", description="Folder processed mail is moved to; empty marks it read."
+    )
+    ca_file: str | None = None
+
+    @field_validator("tenant_id", "client_id")
+    @classmethod
+    def _no_padding(cls, value: str) -> str:
+        if value != value.strip():
+            raise ValueError(
+                "has leading or trailing white space; paste it again without it"
+            )
+        return value
+
+
+class SmtpAccount(_ServerAccount):
+    type: Literal["smtp"] = "smtp"
+    port: int = Field(587, ge=1, le=65535)
+    security: Security = Security.STARTTLS
+
+
+InboundAccount = Annotated[
+    ImapAccount | Pop3Account | GraphAccount, Field(discriminator="type")
+]
+OutboundAccount = Annotated[SmtpAccount | GraphAccount, Field(discriminator="type")]
+
+
+class InboundHolder(BaseModel):
+    account: InboundAccount
+
+
+class OutboundHolder(BaseModel):
+    account: OutboundAccount
+
+
+def parse_inbound(data: dict[str, object]) -> ImapAccount | Pop3Account | GraphAccount:
+    return InboundHolder.model_validate({"account": data}).account
+
+
+def parse_outbound(data: dict[str, object]) -> SmtpAccount | GraphAccount:
+    return OutboundHolder.model_validate({"account": data}).account
