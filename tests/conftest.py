@@ -22,6 +22,7 @@ from shared.catalog import Catalog
 from shared.secrets import SecretBox
 from shared.settings import Settings
 from shared.topology import Topology
+from tests.support.tls import TestPki, make_pki
 
 PG_SERVER = os.environ.get(
     "MAILROOM_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -113,3 +114,9 @@ def settings(clean_db: str, broker_prefix: str, secret_key: str) -> Settings:
 @pytest.fixture
 def topology(settings: Settings) -> Topology:
     return Topology(prefix=settings.broker_prefix)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
+    """A test CA and a certificate for 127.0.0.1 and localhost."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
