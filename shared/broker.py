@@ -186,7 +186,7 @@ class BatchConsumer:
         self.channel.basic_cancel(self.tag)
 
 
-def declare(connection: Connection, declare_with: Callable[[Any], None]) -> None:
+def declare(connection: Connection, declare_with: Callable[[Any], object]) -> None:
     """Run declarations on a short-lived channel."""
     channel = connection.channel()
     try:

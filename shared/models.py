@@ -88,10 +88,6 @@ class RawEmail(Message):
     source: MailSource
     fetched_at: datetime = Field(default_factory=utcnow)
     raw: Payload
-    oversize: bool = Field(
-        False,
-        description="The message was larger than the download limit; raw is empty.",
-    )
 
 
 class Address(Message):

@@ -95,6 +95,14 @@ class Settings(BaseSettings):
     smtp_timeout_seconds: float = Field(
         60.0, gt=0, description="Timeout of one SMTP or IMAP network operation."
     )
+    retry_delays_seconds: list[int] = Field(
+        [5, 30, 120, 600, 1800],
+        min_length=1,
+        description=(
+            "Waits before each retry of a temporarily failed send, in seconds; "
+            "after the last one the send fails. JSON list in the environment."
+        ),
+    )
     log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
 
     @model_validator(mode="after")

@@ -30,6 +30,7 @@ class Topology:
     prefix: str = "mailroom"
     queue_type: str = "classic"
     delivery_limit: int = 5
+    retry_delays_seconds: tuple[int, ...] = (5, 30, 120, 600, 1800)
     _declared_campaigns: set[str] = field(default_factory=set, repr=False)
 
     @property
@@ -62,6 +63,15 @@ class Topology:
     @property
     def status_queue(self) -> str:
         return f"{self.prefix}.delivery-status"
+
+    def retry_queue(self, attempt: int) -> str:
+        """Delay queue holding a send before its ``attempt``-th retry (from 1).
+
+        The delay is part of the name, so changing the delays declares new
+        queues instead of clashing with the arguments of the old ones.
+        """
+        delay = self.retry_delays_seconds[attempt - 1]
+        return f"{self.prefix}.outbound.retry.{delay}s"
 
     @property
     def dead_exchange(self) -> str:
@@ -109,6 +119,26 @@ class Topology:
         self._declare_work_queue(channel, self.raw_queue, raw, RAW_KEY)
         self._declare_work_queue(channel, self.outbound_queue, outbound, OUTBOUND_KEY)
         self._declare_work_queue(channel, self.status_queue, status, "#")
+        self._declare_retry_queues(channel)
+
+    def _declare_retry_queues(self, channel: Any) -> None:
+        # Messages wait in a delay queue until its TTL dead-letters them back
+        # to the outbound exchange: no worker sleeps on an unacked message.
+        # One queue per delay keeps every queue's messages expiring in order.
+        for attempt, delay in enumerate(self.retry_delays_seconds, start=1):
+            Queue(
+                self.retry_queue(attempt),
+                durable=True,
+                queue_arguments={
+                    "x-message-ttl": delay * 1000,
+                    "x-dead-letter-exchange": self.outbound_exchange,
+                    "x-dead-letter-routing-key": OUTBOUND_KEY,
+                },
+            ).declare(channel=channel)
+
+    def forget_campaigns(self) -> None:
+        """After a reconnect: declare campaign queues again on first use."""
+        self._declared_campaigns.clear()
 
     def declare_campaign(self, channel: Any, campaign_key: str) -> str:
         """Declare a campaign's queue once per process; returns its routing key."""

@@ -55,7 +55,9 @@ def clean_db(database_url: str) -> str:
     with db.connect(database_url) as conn:
         conn.execute(
             "TRUNCATE campaigns, channels, filters, mailbox_checkpoints, blobs, "
-            "quarantine, routed_messages, outbound_deliveries RESTART IDENTITY CASCADE"
+            "quarantine, routed_messages, outbound_deliveries, delivery_attempts, "
+            "skipped_messages "
+            "RESTART IDENTITY CASCADE"
         )
     return database_url
 

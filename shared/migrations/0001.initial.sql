@@ -102,3 +102,24 @@ CREATE TABLE outbound_deliveries (
     detail           text NOT NULL DEFAULT '',
     updated_at       timestamptz NOT NULL DEFAULT now()
 );
+
+-- Deliveries of one broker message seen again after a worker stopped
+-- mid-batch; past the delivery limit the message is quarantined.
+CREATE TABLE delivery_attempts (
+    queue       text NOT NULL,
+    message_id  text NOT NULL,
+    attempts    integer NOT NULL DEFAULT 1,
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (queue, message_id)
+);
+
+-- Messages the poller decided not to publish (over the size limit, or not
+-- addressed to the channel when it syncs only its own mail). POP3 has no
+-- checkpoint, so this keeps such a message from being judged at every poll.
+CREATE TABLE skipped_messages (
+    channel_id  bigint NOT NULL REFERENCES channels (id) ON DELETE CASCADE,
+    source_key  text NOT NULL,
+    reason      text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (channel_id, source_key)
+);

@@ -1,0 +1,1 @@
+"""Tools of platform operators and workspace administrators: the CLI."""

@@ -1,0 +1,340 @@
+"""The poller: new mail from every active channel's mailbox, published as RawEmail.
+
+Each loop re-reads the active channels from PostgreSQL, so a channel activated
+or deactivated by an administrator is picked up or dropped without a restart.
+A poller holds a lease on each channel it polls; several pollers share the
+channels, and one that dies loses its leases when they expire.
+
+The order of every poll is fetch, publish, wait for the broker's confirms,
+and only then move the checkpoint (IMAP) or delete the message (POP3): a crash
+at any point repeats work, which the router de-duplicates, and loses none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+
+import psycopg
+import structlog
+
+from services.poller.fetched import Fetched
+from services.poller.imap import ImapMailbox
+from services.poller.pop3 import Pop3Mailbox
+from services.poller.recipients import addressed_to
+from shared import blobs, broker, db, quarantine
+from shared.accounts import ImapAccount, Pop3Account
+from shared.broker import Outgoing, Publisher
+from shared.catalog import Catalog, Channel
+from shared.checkpoints import CheckpointStore
+from shared.errors import ChannelError, MailroomError
+from shared.logs import get_logger
+from shared.metrics import (
+    CHANNEL_MESSAGES,
+    CONSECUTIVE_FAILURES,
+    LAST_POLL_SUCCESS,
+    MESSAGE_BYTES,
+    MESSAGES,
+    POLLS,
+    Outcome,
+    Stage,
+)
+from shared.models import RawEmail
+from shared.secrets import SecretBox
+from shared.settings import Settings
+from shared.topology import RAW_KEY, Topology
+from shared.worker import RECOVERABLE
+
+log = get_logger(__name__)
+
+
+class Poller:
+    stage = Stage.POLLER
+
+    def __init__(self, settings: Settings, topology: Topology | None = None):
+        self.settings = settings
+        self.topology = topology or Topology(
+            prefix=settings.broker_prefix, queue_type=settings.queue_type
+        )
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.ready = threading.Event()
+        self.box = SecretBox(settings.secret_keys)
+
+    def run(self, stop: threading.Event) -> None:
+        backoff = 0.5
+        while not stop.is_set():
+            try:
+                self._run_connected(stop)
+                backoff = 0.5
+            except RECOVERABLE as exc:
+                self.ready.clear()
+                log.warning(
+                    "connection lost, reconnecting",
+                    error=f"{type(exc).__name__}: {exc}",
+                    in_seconds=backoff,
+                )
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 15.0)
+        log.info("stopped", owner=self.owner)
+
+    def _run_connected(self, stop: threading.Event) -> None:
+        with db.connect(self.settings.database_url) as conn:
+            self.db = conn
+            self.catalog = Catalog(conn, self.box)
+            connection = broker.connect(self.settings.amqp_url.get_secret_value())
+            try:
+                broker.declare(connection, self.topology.declare)
+                self.publisher = Publisher(connection)
+                self.ready.set()
+                log.info("polling", owner=self.owner)
+                self._loop(stop)
+            finally:
+                self.ready.clear()
+                self._release_leases()
+                connection.release()
+
+    def _loop(self, stop: threading.Event) -> None:
+        announced_idle = False
+        while not stop.is_set():
+            due = self._claim_due_channels()
+            if (
+                not due
+                and not announced_idle
+                and not self.catalog.channels(active_only=True)
+            ):
+                log.info(
+                    "no active channel to poll; add one with `mailroom channel add` "
+                    "and `mailroom channel activate`"
+                )
+                announced_idle = True
+            for channel_id in due:
+                if stop.is_set():
+                    break
+                announced_idle = True
+                self.poll_channel(channel_id)
+            stop.wait(1.0)
+
+    def _claim_due_channels(self) -> list[int]:
+        rows = self.db.execute(
+            """
+            UPDATE channels
+            SET lease_owner = %(me)s,
+                lease_expires_at = now() + make_interval(secs => %(lease)s)
+            WHERE active
+              AND (lease_owner IS NULL OR lease_owner = %(me)s
+                   OR lease_expires_at < now())
+              AND (last_poll_at IS NULL
+                   OR last_poll_at + make_interval(secs => %(interval)s) <= now())
+            RETURNING id
+            """,
+            {
+                "me": self.owner,
+                "lease": self.settings.lease_seconds,
+                "interval": self.settings.poll_interval_seconds,
+            },
+        ).fetchall()
+        return sorted(r["id"] for r in rows)
+
+    def _release_leases(self) -> None:
+        try:
+            self.db.execute(
+                "UPDATE channels SET lease_owner = NULL, lease_expires_at = NULL "
+                "WHERE lease_owner = %s",
+                (self.owner,),
+            )
+        except psycopg.Error:
+            log.warning("could not release leases; they expire on their own")
+
+    def poll_channel(self, channel_id: int) -> int:
+        """Poll one channel now; returns how many messages were published."""
+        structlog.contextvars.bind_contextvars(channel_id=channel_id)
+        started = time.monotonic()
+        self.db.execute(
+            "UPDATE channels SET last_poll_at = now() WHERE id = %s", (channel_id,)
+        )
+        try:
+            channel = self.catalog.channel(channel_id)
+            secrets = self.catalog.secrets(channel_id)
+            published = self._poll(channel, secrets)
+        except (ChannelError, MailroomError) as exc:
+            if isinstance(exc, RECOVERABLE):
+                raise
+            self._record_failure(channel_id, exc)
+            return 0
+        finally:
+            structlog.contextvars.unbind_contextvars("channel_id")
+
+        self.db.execute(
+            """
+            UPDATE channels SET last_poll_ok_at = now(), last_poll_error = NULL,
+                consecutive_failures = 0
+            WHERE id = %s
+            """,
+            (channel_id,),
+        )
+        POLLS.labels(channel_id=str(channel_id), result="ok").inc()
+        LAST_POLL_SUCCESS.labels(channel_id=str(channel_id)).set(time.time())
+        CONSECUTIVE_FAILURES.labels(channel_id=str(channel_id)).set(0)
+        log.info(
+            "polled",
+            channel_id=channel_id,
+            published=published,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        return published
+
+    def _record_failure(self, channel_id: int, exc: Exception) -> None:
+        row = self.db.execute(
+            """
+            UPDATE channels SET last_poll_error = %s,
+                consecutive_failures = consecutive_failures + 1
+            WHERE id = %s RETURNING consecutive_failures
+            """,
+            (str(exc)[:1000], channel_id),
+        ).fetchone()
+        failures = int(row["consecutive_failures"]) if row else 0
+        POLLS.labels(channel_id=str(channel_id), result="failed").inc()
+        CONSECUTIVE_FAILURES.labels(channel_id=str(channel_id)).set(failures)
+        log.warning(
+            "poll failed, retrying next interval",
+            channel_id=channel_id,
+            error=str(exc),
+            error_type=type(exc).__name__,
+            consecutive_failures=failures,
+        )
+
+    def _poll(self, channel: Channel, secrets: dict[str, str]) -> int:
+        account = channel.inbound
+        password = secrets.get("inbound_password", "")
+        timeout = self.settings.smtp_timeout_seconds
+        if isinstance(account, ImapAccount):
+            with ImapMailbox(account, password, timeout=timeout) as mailbox:
+                return self._poll_imap(channel, mailbox)
+        if isinstance(account, Pop3Account):
+            with Pop3Mailbox(account, password, timeout=timeout) as pop3:
+                return self._poll_pop3(channel, pop3)
+        raise MailroomError(
+            f"channel {channel.name!r} has no inbound account this poller can use"
+        )
+
+    def _poll_imap(self, channel: Channel, mailbox: ImapMailbox) -> int:
+        store = CheckpointStore(self.db, channel.id)
+        published = 0
+        for folder in mailbox.folders(all_folders=channel.sync_all_folders):
+            batches = mailbox.fetch_new(
+                folder,
+                store.get(folder),
+                batch=self.settings.fetch_batch,
+                max_bytes=self.settings.max_message_bytes,
+            )
+            for fetched, checkpoint in batches:
+                published += self._emit(channel, fetched)
+                store.advance(checkpoint)
+        return published
+
+    def _poll_pop3(self, channel: Channel, mailbox: Pop3Mailbox) -> int:
+        skipped = self._skipped_keys(channel.id)
+        listing = [
+            item for item in mailbox.listing() if f"pop3:{item[1]}" not in skipped
+        ]
+        published = 0
+        batch = self.settings.fetch_batch
+        for start in range(0, len(listing), batch):
+            chunk = listing[start : start + batch]
+            fetched = [
+                mailbox.retrieve(
+                    number, uidl, size, max_bytes=self.settings.max_message_bytes
+                )
+                for number, uidl, size in chunk
+            ]
+            published += self._emit(channel, fetched)
+
+            # Only mail that is now safely in the broker (or kept in
+            # quarantine, which _emit wrote) leaves the server.
+            kept = self._skipped_keys(channel.id)
+            for (number, uidl, _size), item in zip(chunk, fetched, strict=True):
+                if item.data is not None and f"pop3:{uidl}" not in kept:
+                    mailbox.delete(number)
+        return published
+
+    def _skipped_keys(self, channel_id: int) -> set[str]:
+        rows = self.db.execute(
+            "SELECT source_key FROM skipped_messages WHERE channel_id = %s",
+            (channel_id,),
+        ).fetchall()
+        return {r["source_key"] for r in rows}
+
+    def _emit(self, channel: Channel, fetched: Iterable[Fetched]) -> int:
+        """Publish what was fetched and wait for every confirm."""
+        batch: list[Outgoing] = []
+        for item in fetched:
+            if item.data is None:
+                self._skip_oversize(channel, item)
+                continue
+            if channel.sync_recipient_only and not addressed_to(
+                item.data, channel.address
+            ):
+                self._skip(channel, item, "not addressed to the channel's address")
+                continue
+            raw = RawEmail(
+                channel_id=channel.id,
+                source=item.source,
+                raw=blobs.put(
+                    self.db, item.data, inline_max=self.settings.inline_max_bytes
+                ),
+            )
+            MESSAGE_BYTES.observe(item.size)
+            batch.append(
+                Outgoing(
+                    self.topology.raw_exchange,
+                    RAW_KEY,
+                    raw.to_json(),
+                    message_id=str(raw.id),
+                    headers={"channel_id": channel.id},
+                )
+            )
+
+        if batch:
+            self.publisher.publish_all(batch)
+        MESSAGES.labels(stage=self.stage, outcome=Outcome.PUBLISHED).inc(len(batch))
+        CHANNEL_MESSAGES.labels(channel_id=str(channel.id), direction="inbound").inc(
+            len(batch)
+        )
+        return len(batch)
+
+    def _skip(self, channel: Channel, item: Fetched, reason: str) -> None:
+        self.db.execute(
+            "INSERT INTO skipped_messages (channel_id, source_key, reason) "
+            "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+            (channel.id, item.source.key(), reason),
+        )
+        MESSAGES.labels(stage=self.stage, outcome=Outcome.SKIPPED).inc()
+        log.info(
+            "skipped", channel_id=channel.id, source=item.source.key(), reason=reason
+        )
+
+    def _skip_oversize(self, channel: Channel, item: Fetched) -> None:
+        reason = (
+            f"message of {item.size} bytes is over MAILROOM_MAX_MESSAGE_BYTES "
+            f"({self.settings.max_message_bytes}); it was left in the mailbox"
+        )
+        quarantine.put(
+            self.db,
+            stage=self.stage,
+            reason=reason,
+            body=json.dumps(
+                {
+                    "channel_id": channel.id,
+                    "source": item.source.model_dump(mode="json"),
+                    "size": item.size,
+                }
+            ).encode(),
+            queue="",
+            channel_id=channel.id,
+        )
+        self._skip(channel, item, reason)

@@ -1,0 +1,175 @@
+"""The router: RawEmail in, RoutedEmail out to the chosen campaign's queue.
+
+Each message is parsed, matched against its channel's filters (first match
+with the stop flag wins, otherwise the default campaign), checked against the
+attachment limit and published. A message already routed for the same
+channel (same SHA-256 of its raw bytes: a redelivery, a UIDVALIDITY reset, the
+same mail in two folders) is acknowledged without being routed again.
+"""
+
+from __future__ import annotations
+
+import amqp
+from pydantic import ValidationError
+from services.router.filters import choose
+from services.router.parsing import parse_email
+
+from services.router.table import RoutingTable
+from shared import blobs
+from shared.broker import Outgoing
+from shared.catalog import Catalog
+from shared.errors import MessageRejected
+from shared.metrics import Outcome, Stage
+from shared.models import Flag, RawEmail, RoutedEmail
+from shared.worker import ConsumerWorker, Handled
+
+
+class Router(ConsumerWorker):
+    stage = Stage.ROUTER
+
+    @property
+    def queue(self) -> str:
+        return self.topology.raw_queue
+
+    def open(self) -> None:
+        super().open()
+        self.table = RoutingTable(Catalog(self.db))
+        self.declaring = self.connection.channel()
+        self.topology.forget_campaigns()
+        self._routed_rows: list[tuple[int, str, str, int, str]] = []
+
+    def handle_batch(self, messages: list[amqp.Message]) -> list[Handled]:
+        self.table.refresh_if_stale()
+        decoded: list[RawEmail | Handled] = [self._decode(m) for m in messages]
+        seen = self._already_routed([d for d in decoded if isinstance(d, RawEmail)])
+
+        results: list[Handled] = []
+        for message, item in zip(messages, decoded, strict=True):
+            if isinstance(item, Handled):
+                results.append(item)
+            elif (item.channel_id, item.raw.sha256) in seen:
+                results.append(self._duplicate(item))
+            else:
+                seen.add((item.channel_id, item.raw.sha256))
+                results.append(self._route(message, item))
+        return results
+
+    def confirmed(self) -> None:
+        """Remember what the broker confirmed, so a redelivery is not routed twice."""
+        if not self._routed_rows:
+            return
+        rows, self._routed_rows = self._routed_rows, []
+        with self.db.cursor() as cur:
+            cur.execute(
+                """
+                INSERT INTO routed_messages
+                    (channel_id, raw_sha256, routed_id, campaign_id, source_key, state)
+                SELECT *, 'published' FROM unnest(
+                    %s::bigint[], %s::text[], %s::uuid[], %s::bigint[], %s::text[])
+                ON CONFLICT DO NOTHING
+                """,
+                [list(column) for column in zip(*rows, strict=True)],
+            )
+
+    def _decode(self, message: amqp.Message) -> RawEmail | Handled:
+        try:
+            return RawEmail.model_validate_json(message.body)
+        except ValidationError as exc:
+            return self.quarantine(
+                message,
+                "not a RawEmail of a known schema version",
+                detail=str(exc)[:2000],
+            )
+
+    def _already_routed(self, raws: list[RawEmail]) -> set[tuple[int, str]]:
+        if not raws:
+            return set()
+        rows = self.db.execute(
+            """
+            SELECT channel_id, raw_sha256 FROM routed_messages
+            WHERE (channel_id, raw_sha256) IN (
+                SELECT * FROM unnest(%s::bigint[], %s::text[]))
+            """,
+            ([r.channel_id for r in raws], [r.raw.sha256 for r in raws]),
+        ).fetchall()
+        return {(r["channel_id"], r["raw_sha256"]) for r in rows}
+
+    def _duplicate(self, raw: RawEmail) -> Handled:
+        return Handled(
+            Outcome.DUPLICATE,
+            details={"channel_id": raw.channel_id, "source": raw.source.key()},
+        )
+
+    def _route(self, message: amqp.Message, raw: RawEmail) -> Handled:
+        routes = self.table.channel(raw.channel_id)
+        if routes is None:
+            return self.quarantine(
+                message,
+                f"channel {raw.channel_id} no longer exists",
+                channel_id=raw.channel_id,
+            )
+        channel = routes.channel
+        if channel.default_campaign_id is None:
+            return self.quarantine(
+                message,
+                f"channel {channel.name!r} has no default campaign; set one and "
+                "replay this message",
+                channel_id=channel.id,
+            )
+
+        try:
+            data = blobs.get(self.db, raw.raw)
+            parsed = parse_email(
+                data, attachment_limit=self.settings.attachment_limit_bytes
+            )
+        except MessageRejected as exc:
+            return self.quarantine(message, str(exc), channel_id=channel.id)
+
+        campaign_id, decision = choose(
+            routes.filters, parsed, channel.default_campaign_id
+        )
+        campaign_key = self.table.campaign_key(campaign_id)
+        if campaign_key is None:
+            return self.quarantine(
+                message,
+                f"campaign {campaign_id} no longer exists",
+                channel_id=channel.id,
+            )
+        routing_key = self.topology.declare_campaign(self.declaring, campaign_key)
+
+        routed = RoutedEmail(
+            id=RoutedEmail.stable_id(channel.id, raw.raw.sha256),
+            raw_email_id=raw.id,
+            channel_id=channel.id,
+            campaign_id=campaign_id,
+            campaign_key=campaign_key,
+            decision=decision,
+            source=raw.source,
+            headers=parsed.headers,
+            text_body=parsed.text_body,
+            html_body=parsed.html_body,
+            attachments=parsed.attachments,
+            flags=parsed.flags,
+            defects=parsed.defects,
+            raw=raw.raw,
+        )
+        out = Outgoing(
+            self.topology.routed_exchange,
+            routing_key,
+            routed.to_json(),
+            message_id=str(routed.id),
+            headers={"campaign": campaign_key, "channel_id": channel.id},
+        )
+        self._routed_rows.append(
+            (channel.id, raw.raw.sha256, str(routed.id), campaign_id, raw.source.key())
+        )
+        return Handled(
+            Outcome.ROUTED,
+            publish=[out],
+            details={
+                "channel_id": channel.id,
+                "campaign": campaign_key,
+                "filter_id": decision.filter_id,
+                "withheld": Flag.ATTACHMENT_OVER_LIMIT in parsed.flags,
+            },
+        )

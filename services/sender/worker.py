@@ -1,0 +1,287 @@
+"""The sender: OutboundEmail in, mail delivered, a DeliveryStatus out.
+
+Each idempotency key is sent at most once. Before talking to the server the
+sender claims the key in PostgreSQL (state ``sending``); a redelivered message
+whose key is ``sent`` or ``failed`` is acknowledged as a duplicate, and one
+left ``sending`` by a worker that died mid-delivery is failed as "outcome
+unknown" rather than risking a second copy. Temporary failures wait in a delay
+queue and come back; permanent ones fail at once. Every outcome is published
+as a DeliveryStatus event.
+"""
+
+from __future__ import annotations
+
+import amqp
+from pydantic import ValidationError
+from services.sender.compose import compose, message_id_for, recipients
+from services.sender.smtp import SmtpConnection
+
+from shared import blobs
+from shared.accounts import SmtpAccount
+from shared.broker import Outgoing
+from shared.catalog import Catalog, Channel
+from shared.errors import (
+    MailroomError,
+    NotFoundError,
+    PermanentDeliveryError,
+    TemporaryDeliveryError,
+)
+from shared.metrics import CHANNEL_MESSAGES, Outcome, Stage
+from shared.models import Address, DeliveryState, DeliveryStatus, OutboundEmail
+from shared.secrets import SecretBox
+from shared.worker import ConsumerWorker, Handled
+
+ATTEMPT_HEADER = "x-mailroom-attempt"
+
+
+class Sender(ConsumerWorker):
+    stage = Stage.SENDER
+
+    @property
+    def queue(self) -> str:
+        return self.topology.outbound_queue
+
+    def open(self) -> None:
+        super().open()
+        self.catalog = Catalog(self.db, SecretBox(self.settings.secret_keys))
+        self.connections: dict[int, tuple[SmtpAccount, SmtpConnection]] = {}
+
+    def close(self) -> None:
+        for _account, connection in getattr(self, "connections", {}).values():
+            connection.close()
+
+    def handle_batch(self, messages: list[amqp.Message]) -> list[Handled]:
+        return [self._handle(message) for message in messages]
+
+    def _handle(self, message: amqp.Message) -> Handled:
+        try:
+            out = OutboundEmail.model_validate_json(message.body)
+        except ValidationError as exc:
+            return self.quarantine(
+                message,
+                "not a valid OutboundEmail; fix the publisher and replay",
+                detail=str(exc)[:2000],
+            )
+
+        try:
+            channel = self.catalog.channel(out.channel_id)
+        except NotFoundError:
+            return self._fail(
+                message, out, "", f"channel {out.channel_id} does not exist"
+            )
+        if not isinstance(channel.outbound, SmtpAccount):
+            return self._fail(
+                message,
+                out,
+                "",
+                f"channel {channel.name!r} has no SMTP outbound account",
+            )
+
+        message_id = message_id_for(out.idempotency_key, _domain(channel.address))
+        previous = self._claim(out, message_id)
+        if previous is not None:
+            return previous
+
+        try:
+            data = compose(
+                out,
+                sender=Address(name=channel.name, email=channel.address),
+                attachments=[
+                    (a, blobs.get(self.db, a.content)) for a in out.attachments
+                ],
+                message_id=message_id,
+                attachment_limit=self.settings.attachment_limit_bytes,
+            )
+            result = self._connection(channel).send(
+                channel.address, recipients(out), data
+            )
+        except TemporaryDeliveryError as exc:
+            return self._retry_or_fail(message, out, message_id, exc)
+        except (PermanentDeliveryError, MailroomError) as exc:
+            code = getattr(exc, "code", None)
+            return self._fail(message, out, message_id, str(exc), code=code)
+
+        self._record(out, DeliveryState.SENT, detail=str(result.reply)[:500])
+        CHANNEL_MESSAGES.labels(channel_id=str(channel.id), direction="outbound").inc()
+        return self._status(
+            out, DeliveryState.SENT, Outcome.SENT, message_id, detail=result.summary()
+        )
+
+    def _connection(self, channel: Channel) -> SmtpConnection:
+        account = channel.outbound
+        assert isinstance(account, SmtpAccount)
+        cached = self.connections.get(channel.id)
+        if cached is not None and cached[0] == account:
+            return cached[1]
+        if cached is not None:
+            cached[1].close()
+        password = self.catalog.secrets(channel.id).get("outbound_password")
+        connection = SmtpConnection(
+            account, password, timeout=self.settings.smtp_timeout_seconds
+        )
+        self.connections[channel.id] = (account, connection)
+        return connection
+
+    def _claim(self, out: OutboundEmail, message_id: str) -> Handled | None:
+        """Take the key for this attempt; a Handled when it must not be sent."""
+        claimed = self.db.execute(
+            """
+            INSERT INTO outbound_deliveries
+                (idempotency_key, channel_id, message_id, state, attempts)
+            VALUES (%s, %s, %s, 'sending', 1)
+            ON CONFLICT (idempotency_key) DO UPDATE
+            SET state = 'sending', attempts = outbound_deliveries.attempts + 1,
+                updated_at = now()
+            WHERE outbound_deliveries.state = 'retrying'
+            RETURNING attempts
+            """,
+            (out.idempotency_key, out.channel_id, message_id),
+        ).fetchone()
+        if claimed is not None:
+            return None
+
+        row = self.db.execute(
+            """
+            SELECT state, now() - updated_at > make_interval(secs => %s) AS stale
+            FROM outbound_deliveries WHERE idempotency_key = %s
+            """,
+            (self.settings.smtp_timeout_seconds * 2, out.idempotency_key),
+        ).fetchone()
+        assert row is not None
+        if row["state"] == "sending" and row["stale"]:
+            reason = (
+                "delivery outcome unknown: a sender stopped while delivering it; "
+                "check the mailbox's sent items before sending it again with a "
+                "new idempotency key"
+            )
+            self._record(out, DeliveryState.FAILED, detail=reason)
+            return self._status(
+                out, DeliveryState.FAILED, Outcome.FAILED, message_id, detail=reason
+            )
+        return self._status(
+            out,
+            DeliveryState.DUPLICATE,
+            Outcome.DUPLICATE,
+            message_id,
+            detail=f"already {row['state']}; not sent again",
+        )
+
+    def _retry_or_fail(
+        self,
+        message: amqp.Message,
+        out: OutboundEmail,
+        message_id: str,
+        exc: TemporaryDeliveryError,
+    ) -> Handled:
+        headers = message.properties.get("application_headers") or {}
+        attempt = int(headers.get(ATTEMPT_HEADER, 0)) + 1
+        if attempt > len(self.topology.retry_delays_seconds):
+            return self._fail(
+                message,
+                out,
+                message_id,
+                f"gave up after {attempt} attempts: {exc}",
+                code=exc.code,
+            )
+
+        self._record(out, DeliveryState.RETRYING, detail=str(exc), code=exc.code)
+        handled = self._status(
+            out,
+            DeliveryState.RETRYING,
+            Outcome.RETRYING,
+            message_id,
+            detail=str(exc),
+            code=exc.code,
+        )
+        handled.publish.append(
+            Outgoing(
+                "",
+                self.topology.retry_queue(attempt),
+                bytes(message.body),
+                message_id=out.idempotency_key,
+                headers={ATTEMPT_HEADER: attempt},
+            )
+        )
+        handled.details["retry_in_seconds"] = self.topology.retry_delays_seconds[
+            attempt - 1
+        ]
+        return handled
+
+    def _fail(
+        self,
+        message: amqp.Message,
+        out: OutboundEmail,
+        message_id: str,
+        reason: str,
+        *,
+        code: int | None = None,
+    ) -> Handled:
+        self._record(out, DeliveryState.FAILED, detail=reason, code=code)
+        return self._status(
+            out,
+            DeliveryState.FAILED,
+            Outcome.FAILED,
+            message_id,
+            detail=reason,
+            code=code,
+        )
+
+    def _record(
+        self,
+        out: OutboundEmail,
+        state: DeliveryState,
+        *,
+        detail: str = "",
+        code: int | None = None,
+    ) -> None:
+        self.db.execute(
+            """
+            INSERT INTO outbound_deliveries
+                (idempotency_key, channel_id, message_id, state, smtp_code, detail)
+            VALUES (%s, %s, '', %s, %s, %s)
+            ON CONFLICT (idempotency_key) DO UPDATE
+            SET state = EXCLUDED.state, smtp_code = EXCLUDED.smtp_code,
+                detail = EXCLUDED.detail, updated_at = now()
+            """,
+            (out.idempotency_key, out.channel_id, state, code, detail[:2000]),
+        )
+
+    def _status(
+        self,
+        out: OutboundEmail,
+        state: DeliveryState,
+        outcome: Outcome,
+        message_id: str,
+        *,
+        detail: str = "",
+        code: int | None = None,
+    ) -> Handled:
+        status = DeliveryStatus(
+            idempotency_key=out.idempotency_key,
+            channel_id=out.channel_id,
+            state=state,
+            message_id=message_id,
+            smtp_code=code,
+            detail=detail,
+        )
+        publish = Outgoing(
+            self.topology.status_exchange,
+            state.value,
+            status.to_json(),
+            message_id=f"{out.idempotency_key}:{state.value}",
+        )
+        return Handled(
+            outcome,
+            publish=[publish],
+            details={
+                "channel_id": out.channel_id,
+                "idempotency_key": out.idempotency_key,
+                "state": state.value,
+                "smtp_code": code,
+                "detail": detail[:300],
+            },
+        )
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2] or "mailroom.invalid"
