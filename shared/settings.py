@@ -93,7 +93,9 @@ class Settings(BaseSettings):
         ),
     )
     smtp_timeout_seconds: float = Field(
-        60.0, gt=0, description="Timeout of one SMTP or IMAP network operation."
+        60.0,
+        gt=0,
+        description="Timeout of one network operation with a mail server.",
     )
     retry_delays_seconds: list[int] = Field(
         [5, 30, 120, 600, 1800],

@@ -11,6 +11,8 @@ import trustme
 
 @dataclass(frozen=True)
 class TestPki:
+    __test__ = False  # a fixture's value, not a test class
+
     ca_file: Path
     cert_file: Path
     key_file: Path

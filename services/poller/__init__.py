@@ -1,0 +1,1 @@
+"""The poller: reads channels' mailboxes and publishes what arrived."""
