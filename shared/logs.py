@@ -34,7 +34,15 @@ def configure_logging(service: str, level: str = "info") -> None:
     logging.basicConfig(
         format="%(message)s", stream=sys.stderr, level=level.upper(), force=True
     )
-    for noisy in ("amqp", "kombu", "psycopg", "aiosmtpd", "mail.log"):
+    for noisy in (
+        "amqp",
+        "kombu",
+        "psycopg",
+        "aiosmtpd",
+        "mail.log",
+        "msal",
+        "urllib3",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     structlog.configure(

@@ -22,6 +22,9 @@ from shared.catalog import Catalog
 from shared.secrets import SecretBox
 from shared.settings import Settings
 from shared.topology import Topology
+from tests.support.dovecot import dovecot  # noqa: F401
+from tests.support.graph_fake import graph_fake  # noqa: F401
+from tests.support.smtp import smtp_server_factory  # noqa: F401
 from tests.support.tls import TestPki, make_pki
 
 PG_SERVER = os.environ.get(

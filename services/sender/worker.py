@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import amqp
 from pydantic import ValidationError
-from services.sender.compose import compose, message_id_for, recipients
-from services.sender.smtp import SmtpConnection
 
+from services.sender.compose import compose, message_id_for, recipients
+from services.sender.graph import GraphSender
+from services.sender.smtp import SmtpConnection
 from shared import blobs
-from shared.accounts import SmtpAccount
+from shared.accounts import GraphAccount, SmtpAccount
 from shared.broker import Outgoing
 from shared.catalog import Catalog, Channel
 from shared.errors import (
@@ -77,7 +78,10 @@ class Sender(ConsumerWorker):
                 f"channel {channel.name!r} has no SMTP outbound account",
             )
 
-        message_id = message_id_for(out.idempotency_key, _domain(channel.address))
+        try:
+            message_id = message_id_for(out.idempotency_key, _domain(channel.address))
+        except MailroomError as exc:
+            return self._fail(message, out, "", f"channel address: {exc}")
         previous = self._claim(out, message_id)
         if previous is not None:
             return previous
@@ -92,20 +96,35 @@ class Sender(ConsumerWorker):
                 message_id=message_id,
                 attachment_limit=self.settings.attachment_limit_bytes,
             )
-            result = self._connection(channel).send(
-                channel.address, recipients(out), data
-            )
+            summary = self._deliver(channel, recipients(out), data)
         except TemporaryDeliveryError as exc:
             return self._retry_or_fail(message, out, message_id, exc)
         except (PermanentDeliveryError, MailroomError) as exc:
             code = getattr(exc, "code", None)
             return self._fail(message, out, message_id, str(exc), code=code)
 
-        self._record(out, DeliveryState.SENT, detail=str(result.reply)[:500])
+        self._record(out, DeliveryState.SENT, detail=summary)
         CHANNEL_MESSAGES.labels(channel_id=str(channel.id), direction="outbound").inc()
         return self._status(
-            out, DeliveryState.SENT, Outcome.SENT, message_id, detail=result.summary()
+            out, DeliveryState.SENT, Outcome.SENT, message_id, detail=summary
         )
+
+    def _deliver(self, channel: Channel, to: list[str], data: bytes) -> str:
+        """Hand the message to the channel's server; returns what it answered."""
+        account = channel.outbound
+        if isinstance(account, GraphAccount):
+            secrets = self.catalog.secrets(channel.id)
+            timeout = self.settings.smtp_timeout_seconds
+            with GraphSender(account, secrets, timeout=timeout) as graph:
+                try:
+                    return graph.send(data, to).summary()
+                finally:
+                    if graph.updated_secrets != secrets:
+                        self.db.execute(
+                            "UPDATE channels SET secrets = %s WHERE id = %s",
+                            (self.catalog.box.seal(graph.updated_secrets), channel.id),
+                        )
+        return self._connection(channel).send(channel.address, to, data).summary()
 
     def _connection(self, channel: Channel) -> SmtpConnection:
         account = channel.outbound

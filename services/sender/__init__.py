@@ -1,0 +1,1 @@
+"""The sender: composes outbound email and delivers it over SMTP."""

@@ -1,0 +1,426 @@
+"""Delivery of composed messages to a channel's SMTP server.
+
+One ``SmtpConnection`` keeps one connection open across sends. Servers hang
+up on idle clients, so a connection that turns out to be gone when the next
+MAIL FROM is sent is opened again, once: nothing of that message had been
+sent yet. Every failure becomes a ``TemporaryDeliveryError`` (worth retrying:
+4xx replies, timeouts, lost connections) or a ``PermanentDeliveryError``
+(5xx replies, refused certificates and credentials), with the server's reply
+code where there is one. The password never appears in an error or a log.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import smtplib
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import TracebackType
+
+from shared.accounts import Security, SmtpAccount
+from shared.errors import (
+    DeliveryError,
+    PermanentDeliveryError,
+    TemporaryDeliveryError,
+)
+from shared.logs import get_logger
+
+log = get_logger(__name__)
+
+TLS_CLOSED = (ssl.SSLEOFError, ssl.SSLZeroReturnError)
+# What a stale connection looks like when the next command is sent on it.
+GONE = (smtplib.SMTPServerDisconnected, ConnectionError, *TLS_CLOSED)
+# Where a TLS failure means settings that will never work, not a bad moment.
+HANDSHAKES = frozenset({"connect", "STARTTLS"})
+ENVELOPE_ADDRESS = re.compile(r"^[!-;=?-~]+@[!-;=?-~]+$")
+CREDENTIALS = "check the channel's SMTP username and password"
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}"
+
+    @classmethod
+    def of(cls, code: int, text: bytes | str) -> Reply:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+
+        return cls(code, " ".join(text.split()))
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """What the server said about one message."""
+
+    accepted: list[str]
+    refused: dict[str, Reply]
+    reply: Reply
+
+    def summary(self) -> str:
+        """One line for a delivery status: the final reply and who got it."""
+        text = f"{self.reply}; {len(self.accepted)} recipient(s) accepted"
+        if self.refused:
+            text += "; refused " + ", ".join(
+                f"{recipient} ({reply})" for recipient, reply in self.refused.items()
+            )
+
+        return text
+
+
+class SmtpConnection:
+    """A reusable connection to one channel's SMTP server."""
+
+    def __init__(
+        self,
+        account: SmtpAccount,
+        password: str | None,
+        *,
+        timeout: float,
+        local_hostname: str | None = None,
+    ) -> None:
+        self._account = account
+        self._password = password
+        self._timeout = timeout
+        self._local_hostname = local_hostname
+        self._smtp: smtplib.SMTP | None = None
+        self._where = f"SMTP server {account.host}:{account.port}"
+
+    def __repr__(self) -> str:
+        state = "open" if self._smtp else "closed"
+        return f"SmtpConnection({self._where}, {self._account.security}, {state})"
+
+    def __enter__(self) -> SmtpConnection:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def send(self, sender: str, recipients: list[str], message: bytes) -> SendResult:
+        """Deliver ``message``; returns once the server has taken it.
+
+        Recipients the server refuses while accepting others are listed in
+        ``SendResult.refused``; when it refuses them all, nothing is sent.
+        """
+        if not recipients:
+            raise PermanentDeliveryError("the message has no recipients")
+
+        # An empty sender is the null reverse-path, <>.
+        for address in [sender, *recipients] if sender else recipients:
+            _check_envelope_address(address)
+
+        smtp = self._mail_from(sender, len(message))
+        try:
+            accepted, refused = self._rcpt_to(smtp, recipients)
+            reply = self._data(smtp, message)
+        except DeliveryError:
+            self._reset()
+            raise
+        except BaseException:
+            # Stopped halfway through a transaction: the state is unknown.
+            self._discard()
+            raise
+
+        return SendResult(accepted, refused, reply)
+
+    def close(self) -> None:
+        """Say QUIT and close; the next send opens a new connection."""
+        smtp, self._smtp = self._smtp, None
+        if smtp is None:
+            return
+
+        try:
+            smtp.quit()
+        except (smtplib.SMTPException, OSError):
+            # The server may already have gone; the socket is closed either way.
+            smtp.close()
+
+    def _mail_from(self, sender: str, size: int) -> smtplib.SMTP:
+        """MAIL FROM, on the open connection or, if it has gone, a new one."""
+        if self._smtp is not None:
+            smtp = self._smtp
+            with self._translated("MAIL FROM"):
+                try:
+                    reply = Reply.of(*smtp.mail(sender, self._mail_options(smtp, size)))
+                except GONE:
+                    reply = Reply(421, "connection lost while idle")
+
+            if reply.code != 421:
+                self._check(reply, "MAIL FROM")
+                return smtp
+
+            log.info("smtp_reconnect", server=self._where, reply=str(reply))
+            self._discard()
+
+        smtp = self._connect()
+        with self._translated("MAIL FROM"):
+            reply = Reply.of(*smtp.mail(sender, self._mail_options(smtp, size)))
+
+        self._check(reply, "MAIL FROM")
+        return smtp
+
+    def _rcpt_to(
+        self, smtp: smtplib.SMTP, recipients: list[str]
+    ) -> tuple[list[str], dict[str, Reply]]:
+        accepted: list[str] = []
+        refused: dict[str, Reply] = {}
+        for recipient in recipients:
+            with self._translated("RCPT TO"):
+                reply = Reply.of(*smtp.rcpt(recipient))
+
+            if reply.code == 421:
+                self._check(reply, "RCPT TO")
+
+            if reply.code in (250, 251):
+                accepted.append(recipient)
+            else:
+                refused[recipient] = reply
+
+        if not accepted:
+            replies = list(refused.values())
+            first = next((r for r in replies if r.code < 500), replies[0])
+            error = (
+                TemporaryDeliveryError if first.code < 500 else PermanentDeliveryError
+            )
+            raise error(
+                f"{self._where} refused every recipient: "
+                + "; ".join(f"{to}: {reply}" for to, reply in refused.items()),
+                first.code,
+            )
+
+        return accepted, refused
+
+    def _data(self, smtp: smtplib.SMTP, message: bytes) -> Reply:
+        with self._translated("DATA"):
+            try:
+                reply = Reply.of(*smtp.data(message))
+            except smtplib.SMTPDataError as exc:
+                # Refused at the DATA command, before any of the message went.
+                reply = Reply.of(exc.smtp_code, exc.smtp_error)
+
+        self._check(reply, "DATA")
+        return reply
+
+    def _check(self, reply: Reply, stage: str) -> None:
+        if 200 <= reply.code < 400:
+            return
+
+        if reply.code == 421:
+            # The server closes the connection after a 421.
+            self._discard()
+
+        error = TemporaryDeliveryError if reply.code < 500 else PermanentDeliveryError
+        raise error(f"{self._where} answered {reply} to {stage}", reply.code)
+
+    def _connect(self) -> smtplib.SMTP:
+        security = self._account.security
+        host, port = self._account.host, self._account.port
+        context = self._tls_context() if security is not Security.NONE else None
+
+        with self._translated("connect"):
+            if security is Security.TLS:
+                smtp: smtplib.SMTP = smtplib.SMTP_SSL(
+                    host,
+                    port,
+                    local_hostname=self._local_hostname,
+                    timeout=self._timeout,
+                    context=context,
+                )
+            else:
+                smtp = smtplib.SMTP(
+                    host,
+                    port,
+                    local_hostname=self._local_hostname,
+                    timeout=self._timeout,
+                )
+
+        # From here on the socket is ours to close if anything fails.
+        self._smtp = smtp
+        with self._translated("EHLO"):
+            smtp.ehlo_or_helo_if_needed()
+
+        if security is Security.STARTTLS:
+            self._starttls(smtp, context)
+
+        if self._password is not None:
+            self._login(smtp, self._password)
+
+        log.debug("smtp_connected", server=self._where, security=str(security))
+        return smtp
+
+    def _tls_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        if self._account.ca_file:
+            try:
+                context.load_verify_locations(cafile=self._account.ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise PermanentDeliveryError(
+                    f"the CA file {self._account.ca_file} of {self._where} cannot "
+                    f"be read ({exc.strerror or exc}); fix the channel's ca_file"
+                ) from exc
+
+        if not self._account.verify_tls:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+
+        return context
+
+    def _starttls(self, smtp: smtplib.SMTP, context: ssl.SSLContext | None) -> None:
+        if not smtp.has_extn("starttls"):
+            self._discard()
+            raise PermanentDeliveryError(
+                f"{self._where} does not offer STARTTLS, and the channel does not "
+                "allow sending unencrypted; check the port, or set the channel's "
+                "security to tls if the port speaks TLS from the start"
+            )
+
+        with self._translated("STARTTLS"):
+            smtp.starttls(context=context)
+            smtp.ehlo_or_helo_if_needed()
+
+    def _login(self, smtp: smtplib.SMTP, password: str) -> None:
+        """AUTH PLAIN, or LOGIN where PLAIN is not offered.
+
+        smtplib's own login() cannot send a non-ASCII password and tries
+        every mechanism after a refusal, which counts as several failed
+        logins against the account.
+        """
+        offered = smtp.esmtp_features.get("auth", "").upper().split()
+        username = self._account.username
+        with self._translated("AUTH"):
+            if "PLAIN" in offered:
+                secret = f"\0{username}\0{password}".encode()
+                reply = Reply.of(*smtp.docmd("AUTH", f"PLAIN {_b64(secret)}"))
+            elif "LOGIN" in offered:
+                reply = Reply.of(*smtp.docmd("AUTH", "LOGIN"))
+                if reply.code == 334:
+                    reply = Reply.of(*smtp.docmd(_b64(username.encode())))
+                if reply.code == 334:
+                    reply = Reply.of(*smtp.docmd(_b64(password.encode())))
+            else:
+                self._discard()
+                raise PermanentDeliveryError(
+                    f"{self._where} offers no AUTH mechanism Mailroom speaks "
+                    f"(PLAIN, LOGIN) on this connection; offered: "
+                    f"{' '.join(offered) or 'none'}. Check the channel's security "
+                    "setting: many servers offer AUTH only after STARTTLS"
+                )
+
+        if reply.code == 235:
+            return
+
+        self._discard()
+        if 400 <= reply.code < 500:
+            raise TemporaryDeliveryError(
+                f"{self._where} could not check the credentials now ({reply})",
+                reply.code,
+            )
+
+        raise PermanentDeliveryError(
+            f"{self._where} refused the login of {username!r} ({reply}); {CREDENTIALS}",
+            reply.code,
+        )
+
+    def _mail_options(self, smtp: smtplib.SMTP, size: int) -> list[str]:
+        return [f"SIZE={size}"] if smtp.has_extn("size") else []
+
+    def _reset(self) -> None:
+        """Leave the connection ready for the next message, or drop it."""
+        if self._smtp is None:
+            return
+
+        try:
+            self._smtp.rset()
+        except (smtplib.SMTPException, OSError):
+            self._discard()
+
+    def _discard(self) -> None:
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None:
+            smtp.close()
+
+    def _timed_out(self, stage: str) -> TemporaryDeliveryError:
+        return TemporaryDeliveryError(
+            f"{self._where} did not answer within {self._timeout:g} s "
+            f"during {stage}; if this persists, check that the server is up "
+            "and MAILROOM_SMTP_TIMEOUT_SECONDS is long enough"
+        )
+
+    @contextmanager
+    def _translated(self, stage: str) -> Iterator[None]:
+        """Turn what smtplib, ssl and socket raise into delivery errors."""
+        try:
+            yield
+        except smtplib.SMTPResponseException as exc:
+            # Raised by connect (the greeting), EHLO and STARTTLS.
+            self._discard()
+            reply = Reply.of(exc.smtp_code, exc.smtp_error)
+            error = (
+                TemporaryDeliveryError if reply.code < 500 else PermanentDeliveryError
+            )
+            raise error(
+                f"{self._where} answered {reply} to {stage}", reply.code
+            ) from exc
+        except (smtplib.SMTPServerDisconnected, *TLS_CLOSED) as exc:
+            self._discard()
+            if isinstance(exc.__context__, TimeoutError):
+                # smtplib reports a reply that never came as a disconnect.
+                raise self._timed_out(stage) from exc
+
+            raise TemporaryDeliveryError(
+                f"{self._where} closed the connection during {stage}"
+            ) from exc
+        except ssl.SSLCertVerificationError as exc:
+            self._discard()
+            raise PermanentDeliveryError(
+                f"the TLS certificate of {self._where} is not trusted "
+                f"({exc.verify_message}); give the channel the CA that signed it "
+                "(ca_file) or correct the host name"
+            ) from exc
+        except ssl.SSLError as exc:
+            self._discard()
+            if stage not in HANDSHAKES:
+                raise TemporaryDeliveryError(
+                    f"TLS with {self._where} failed during {stage} ({exc.reason})"
+                ) from exc
+
+            raise PermanentDeliveryError(
+                f"TLS with {self._where} failed during {stage} ({exc.reason}); "
+                "check that the channel's port and security (tls, starttls) "
+                "match the server"
+            ) from exc
+        except TimeoutError as exc:
+            self._discard()
+            raise self._timed_out(stage) from exc
+        except (smtplib.SMTPException, OSError) as exc:
+            self._discard()
+            raise TemporaryDeliveryError(
+                f"{self._where} could not be reached during {stage} "
+                f"({exc.strerror or type(exc).__name__}); if this persists, "
+                "check the channel's host and port"
+            ) from exc
+
+
+def _check_envelope_address(address: str) -> None:
+    # smtplib would send a non-ASCII address only with SMTPUTF8, and a line
+    # break in one would end the command early.
+    if not ENVELOPE_ADDRESS.match(address):
+        raise PermanentDeliveryError(
+            f"{address!r} cannot go in an SMTP envelope: it must be ASCII "
+            "without spaces, angle brackets or line breaks"
+        )
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
