@@ -24,11 +24,13 @@ import psycopg
 import structlog
 
 from services.poller.fetched import Fetched
+from services.poller.graph import GraphMailbox
+from services.poller.graph_state import DeltaLinkStore
 from services.poller.imap import ImapMailbox
 from services.poller.pop3 import Pop3Mailbox
 from services.poller.recipients import addressed_to
 from shared import blobs, broker, db, quarantine
-from shared.accounts import ImapAccount, Pop3Account
+from shared.accounts import GraphAccount, ImapAccount, Pop3Account
 from shared.broker import Outgoing, Publisher
 from shared.catalog import Catalog, Channel
 from shared.checkpoints import CheckpointStore
@@ -218,6 +220,12 @@ class Poller:
         if isinstance(account, Pop3Account):
             with Pop3Mailbox(account, password, timeout=timeout) as pop3:
                 return self._poll_pop3(channel, pop3)
+        if isinstance(account, GraphAccount):
+            with GraphMailbox(account, secrets, timeout=timeout) as graph:
+                try:
+                    return self._poll_graph(channel, graph)
+                finally:
+                    self._store_secrets(channel.id, secrets, graph.updated_secrets)
         raise MailroomError(
             f"channel {channel.name!r} has no inbound account this poller can use"
         )
@@ -236,6 +244,32 @@ class Poller:
                 published += self._emit(channel, fetched)
                 store.advance(checkpoint)
         return published
+
+    def _poll_graph(self, channel: Channel, mailbox: GraphMailbox) -> int:
+        store = DeltaLinkStore(self.db, channel.id)
+        published = 0
+        for folder in mailbox.folders(all_folders=channel.sync_all_folders):
+            pages = mailbox.fetch_new(
+                folder, store.get(folder), max_bytes=self.settings.max_message_bytes
+            )
+            for fetched, link in pages:
+                published += self._emit(channel, fetched)
+                mailbox.mark_processed(
+                    folder,
+                    [f.source.remote_id for f in fetched if f.source.remote_id],
+                )
+                store.put(folder, link)
+        return published
+
+    def _store_secrets(
+        self, channel_id: int, before: dict[str, str], after: dict[str, str]
+    ) -> None:
+        """Keep a rotated refresh token; the old one stops working once used."""
+        if after != before:
+            self.db.execute(
+                "UPDATE channels SET secrets = %s WHERE id = %s",
+                (self.box.seal(after), channel_id),
+            )
 
     def _poll_pop3(self, channel: Channel, mailbox: Pop3Mailbox) -> int:
         skipped = self._skipped_keys(channel.id)
