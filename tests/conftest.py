@@ -59,7 +59,7 @@ def clean_db(database_url: str) -> str:
         conn.execute(
             "TRUNCATE campaigns, channels, filters, mailbox_checkpoints, blobs, "
             "quarantine, routed_messages, outbound_deliveries, delivery_attempts, "
-            "skipped_messages "
+            "skipped_messages, pollers "
             "RESTART IDENTITY CASCADE"
         )
     return database_url

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import socket
 import ssl
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import TracebackType
@@ -137,6 +139,37 @@ class ImapMailbox:
                 chunk = uids[start : start + batch]
                 fetched = self._fetch(folder, uidvalidity, chunk, max_bytes)
                 yield fetched, Checkpoint(folder, uidvalidity, chunk[-1])
+
+    def supports_idle(self) -> bool:
+        with self._talking("read its capabilities"):
+            return bool(self._connected().has_capability("IDLE"))
+
+    def wait_for_new_mail(
+        self, folder: str, stop: threading.Event, *, renew_seconds: float
+    ) -> bool:
+        """Sit in IDLE on the folder until mail arrives, ``stop`` is set, or
+        ``renew_seconds`` pass; True when the server announced new mail.
+
+        Servers drop an IDLE left alone for about 30 minutes (RFC 2177), so the
+        caller renews it well before that by calling again.
+        """
+        client = self._connected()
+        self._examine(folder)
+        deadline = time.monotonic() + renew_seconds
+        changed = False
+        with self._talking(f"wait in IDLE on folder {folder!r}"):
+            client.idle()
+            try:
+                while not (changed or stop.is_set() or time.monotonic() > deadline):
+                    responses = client.idle_check(timeout=1.0)
+                    changed = any(
+                        len(r) > 1 and r[1] in (b"EXISTS", b"RECENT")
+                        for r in responses
+                        if isinstance(r, tuple)
+                    )
+            finally:
+                client.idle_done()
+        return changed
 
     def _examine(self, folder: str) -> tuple[int, int | None]:
         """Open the folder read-only; its UIDVALIDITY and UIDNEXT."""

@@ -26,7 +26,9 @@ import structlog
 from services.poller.fetched import Fetched
 from services.poller.graph import GraphMailbox
 from services.poller.graph_state import DeltaLinkStore
+from services.poller.idle import IdleWatcher
 from services.poller.imap import ImapMailbox
+from services.poller.leases import Leases
 from services.poller.pop3 import Pop3Mailbox
 from services.poller.recipients import addressed_to
 from shared import blobs, broker, db, quarantine
@@ -66,6 +68,10 @@ class Poller:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.ready = threading.Event()
         self.box = SecretBox(settings.secret_keys)
+        self.watchers: dict[int, IdleWatcher] = {}
+        self._requested: set[int] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
 
     def run(self, stop: threading.Event) -> None:
         backoff = 0.5
@@ -88,6 +94,7 @@ class Poller:
         with db.connect(self.settings.database_url) as conn:
             self.db = conn
             self.catalog = Catalog(conn, self.box)
+            self.leases = Leases(conn, self.owner, self.settings.lease_seconds)
             connection = broker.connect(self.settings.amqp_url.get_secret_value())
             try:
                 broker.declare(connection, self.topology.declare)
@@ -97,58 +104,66 @@ class Poller:
                 self._loop(stop)
             finally:
                 self.ready.clear()
+                self._stop_watchers(set(self.watchers))
                 self._release_leases()
                 connection.release()
+
+    def wake_up(self, channel_id: int) -> None:
+        """Poll this channel at the next turn of the loop (IDLE saw new mail)."""
+        with self._lock:
+            self._requested.add(channel_id)
+        self._wake.set()
 
     def _loop(self, stop: threading.Event) -> None:
         announced_idle = False
         while not stop.is_set():
-            due = self._claim_due_channels()
-            if (
-                not due
-                and not announced_idle
-                and not self.catalog.channels(active_only=True)
-            ):
-                log.info(
-                    "no active channel to poll; add one with `mailroom channel add` "
-                    "and `mailroom channel activate`"
-                )
+            with self._lock:
+                requested, self._requested = self._requested, set()
+            share = self.leases.refresh(self.settings.poll_interval_seconds, requested)
+            self._sync_watchers(set(share.owned))
+            if not share.owned and not announced_idle:
+                if not self.catalog.channels(active_only=True):
+                    log.info(
+                        "no active channel to poll; add one with `mailroom channel "
+                        "add` and `mailroom channel activate`"
+                    )
                 announced_idle = True
-            for channel_id in due:
+
+            for channel_id in share.due:
                 if stop.is_set():
                     break
-                announced_idle = True
                 self.poll_channel(channel_id)
-            stop.wait(1.0)
 
-    def _claim_due_channels(self) -> list[int]:
-        rows = self.db.execute(
-            """
-            UPDATE channels
-            SET lease_owner = %(me)s,
-                lease_expires_at = now() + make_interval(secs => %(lease)s)
-            WHERE active
-              AND (lease_owner IS NULL OR lease_owner = %(me)s
-                   OR lease_expires_at < now())
-              AND (last_poll_at IS NULL
-                   OR last_poll_at + make_interval(secs => %(interval)s) <= now())
-            RETURNING id
-            """,
-            {
-                "me": self.owner,
-                "lease": self.settings.lease_seconds,
-                "interval": self.settings.poll_interval_seconds,
-            },
-        ).fetchall()
-        return sorted(r["id"] for r in rows)
+            self._wake.wait(1.0)
+            self._wake.clear()
+
+    def _sync_watchers(self, owned: set[int]) -> None:
+        """IDLE on the IMAP channels this poller holds, and on no others."""
+        self._stop_watchers(set(self.watchers) - owned)
+        for channel_id in owned - set(self.watchers):
+            channel = self.catalog.channel(channel_id)
+            account = channel.inbound
+            if isinstance(account, ImapAccount) and account.idle:
+                watcher = IdleWatcher(
+                    channel_id,
+                    account,
+                    self.catalog.secrets(channel_id).get("inbound_password", ""),
+                    wake=self.wake_up,
+                    timeout=self.settings.smtp_timeout_seconds,
+                )
+                watcher.start()
+                self.watchers[channel_id] = watcher
+        for channel_id, watcher in list(self.watchers.items()):
+            if not watcher.alive:
+                del self.watchers[channel_id]
+
+    def _stop_watchers(self, channel_ids: set[int]) -> None:
+        for channel_id in channel_ids:
+            self.watchers.pop(channel_id).stop()
 
     def _release_leases(self) -> None:
         try:
-            self.db.execute(
-                "UPDATE channels SET lease_owner = NULL, lease_expires_at = NULL "
-                "WHERE lease_owner = %s",
-                (self.owner,),
-            )
+            self.leases.release_all()
         except psycopg.Error:
             log.warning("could not release leases; they expire on their own")
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import amqp
 from pydantic import ValidationError
+
 from services.router.filters import choose
 from services.router.parsing import parse_email
-
 from services.router.table import RoutingTable
 from shared import blobs
 from shared.broker import Outgoing
@@ -37,6 +37,10 @@ class Router(ConsumerWorker):
         self.declaring = self.connection.channel()
         self.topology.forget_campaigns()
         self._routed_rows: list[tuple[int, str, str, int, str]] = []
+
+        # Campaign systems may start consuming before the first mail arrives.
+        for campaign in self.table.catalog.campaigns():
+            self.topology.declare_campaign(self.declaring, campaign.key)
 
     def handle_batch(self, messages: list[amqp.Message]) -> list[Handled]:
         self.table.refresh_if_stale()

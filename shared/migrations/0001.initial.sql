@@ -123,3 +123,10 @@ CREATE TABLE skipped_messages (
     created_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (channel_id, source_key)
 );
+
+-- Pollers alive now: each writes its heartbeat every loop, and the channels
+-- are shared out evenly among those seen within one lease period.
+CREATE TABLE pollers (
+    owner         text PRIMARY KEY,
+    heartbeat_at  timestamptz NOT NULL DEFAULT now()
+);
