@@ -81,6 +81,57 @@ QUARANTINED = Counter(
 )
 
 
+CREDENTIAL_EXPIRY = Gauge(
+    "mailroom_channel_credential_expiry_timestamp_seconds",
+    "Unix time at which a channel's credential expires, by kind of credential.",
+    ["channel_id", "credential"],
+)
+QUARANTINE_WAITING = Gauge(
+    "mailroom_quarantine_messages",
+    "Messages in quarantine not yet replayed, by stage.",
+    ["stage"],
+)
+
+
+class Credential(StrEnum):
+    CLIENT_SECRET = "client_secret"  # noqa: S105 - a label, not a secret
+    ACCESS_TOKEN = "access_token"  # noqa: S105
+
+
+OUTCOMES_BY_STAGE = {
+    Stage.POLLER: (Outcome.PUBLISHED, Outcome.SKIPPED),
+    Stage.ROUTER: (Outcome.ROUTED, Outcome.DUPLICATE, Outcome.QUARANTINED),
+    Stage.SENDER: (
+        Outcome.SENT,
+        Outcome.RETRYING,
+        Outcome.FAILED,
+        Outcome.DUPLICATE,
+        Outcome.QUARANTINED,
+    ),
+}
+
+
+def precreate(stage: Stage) -> None:
+    """Start every series of a stage at zero, so the first event shows in rate()."""
+    for outcome in OUTCOMES_BY_STAGE[stage]:
+        MESSAGES.labels(stage=stage, outcome=outcome)
+    QUARANTINED.labels(stage=stage)
+
+
+def forget_channel(channel_id: int) -> None:
+    """Drop a channel's gauges once this process no longer polls it."""
+    for gauge in (LAST_POLL_SUCCESS, CONSECUTIVE_FAILURES):
+        try:
+            gauge.remove(str(channel_id))
+        except KeyError:
+            continue
+    for credential in Credential:
+        try:
+            CREDENTIAL_EXPIRY.remove(str(channel_id), credential)
+        except KeyError:
+            continue
+
+
 class _HealthHandler(MetricsHandler):
     ready: Callable[[], bool] = staticmethod(lambda: True)
 

@@ -10,7 +10,7 @@ from typing import Protocol
 
 from shared import db
 from shared.logs import configure_logging, get_logger
-from shared.metrics import serve_metrics
+from shared.metrics import Stage, precreate, serve_metrics
 from shared.settings import Settings, get_settings
 
 log = get_logger(__name__)
@@ -66,5 +66,6 @@ def run_worker(name: str, factory: Callable[[Settings], Worker]) -> None:
     applied = db.migrate(settings.database_url)
     if applied:
         log.info("database migrated", migrations=applied)
+    precreate(Stage(name))
     worker = factory(settings)
     run_service(name, settings, worker.run, worker.ready.is_set)

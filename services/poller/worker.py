@@ -45,8 +45,10 @@ from shared.metrics import (
     MESSAGE_BYTES,
     MESSAGES,
     POLLS,
+    QUARANTINE_WAITING,
     Outcome,
     Stage,
+    forget_channel,
 )
 from shared.models import RawEmail
 from shared.secrets import SecretBox
@@ -72,6 +74,8 @@ class Poller:
         self._requested: set[int] = set()
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._reported: set[int] = set()
+        self._quarantine_reported_at = float("-inf")
 
     def run(self, stop: threading.Event) -> None:
         backoff = 0.5
@@ -121,6 +125,8 @@ class Poller:
                 requested, self._requested = self._requested, set()
             share = self.leases.refresh(self.settings.poll_interval_seconds, requested)
             self._sync_watchers(set(share.owned))
+            self._forget_lost_channels(set(share.owned))
+            self._report_quarantine()
             if not share.owned and not announced_idle:
                 if not self.catalog.channels(active_only=True):
                     log.info(
@@ -156,6 +162,25 @@ class Poller:
         for channel_id, watcher in list(self.watchers.items()):
             if not watcher.alive:
                 del self.watchers[channel_id]
+
+    def _forget_lost_channels(self, owned: set[int]) -> None:
+        """A channel another poller took, or that was deactivated, is not ours
+        to report on: its gauges would freeze and mislead the alerts."""
+        for channel_id in self._reported - owned:
+            forget_channel(channel_id)
+        self._reported &= owned
+
+    def _report_quarantine(self) -> None:
+        if time.monotonic() - self._quarantine_reported_at < 30:
+            return
+        rows = self.db.execute(
+            "SELECT stage, count(*) AS n FROM quarantine "
+            "WHERE replayed_at IS NULL GROUP BY stage"
+        ).fetchall()
+        counts = {r["stage"]: int(r["n"]) for r in rows}
+        for stage in Stage:
+            QUARANTINE_WAITING.labels(stage=stage).set(counts.get(stage, 0))
+        self._quarantine_reported_at = time.monotonic()
 
     def _stop_watchers(self, channel_ids: set[int]) -> None:
         for channel_id in channel_ids:
@@ -194,6 +219,7 @@ class Poller:
             """,
             (channel_id,),
         )
+        self._reported.add(channel_id)
         POLLS.labels(channel_id=str(channel_id), result="ok").inc()
         LAST_POLL_SUCCESS.labels(channel_id=str(channel_id)).set(time.time())
         CONSECUTIVE_FAILURES.labels(channel_id=str(channel_id)).set(0)
@@ -215,6 +241,7 @@ class Poller:
             (str(exc)[:1000], channel_id),
         ).fetchone()
         failures = int(row["consecutive_failures"]) if row else 0
+        self._reported.add(channel_id)
         POLLS.labels(channel_id=str(channel_id), result="failed").inc()
         CONSECUTIVE_FAILURES.labels(channel_id=str(channel_id)).set(failures)
         log.warning(
