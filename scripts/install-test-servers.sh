@@ -11,11 +11,15 @@ set -euo pipefail
 PACKAGES=(
     dovecot-imapd
     dovecot-pop3d
+    prometheus
+    chromium
+    chromium-driver
 )
 
 # Packaged services that must not stay running after the install.
 SERVICES=(
     dovecot
+    prometheus
 )
 
 missing=()
