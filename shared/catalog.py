@@ -1,14 +1,21 @@
 """Campaigns, channels and filters as stored in PostgreSQL.
 
 Every process reads the same rows, so a change made here (activating a
-channel, adding a filter) reaches running workers without a restart.
+channel, adding a filter) reaches running workers without a restart. Every
+front end (the CLI, the admin API and its console) changes them through this
+class, so each rule is enforced in one place.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping, Sequence
+from enum import Enum, StrEnum
 from typing import Any
 
 import psycopg
+import regex
+from psycopg import sql
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -17,6 +24,7 @@ from shared.accounts import (
     ImapAccount,
     Pop3Account,
     SmtpAccount,
+    check_host,
     parse_inbound,
     parse_outbound,
 )
@@ -31,6 +39,29 @@ CHANNEL_COLUMNS = """
     c.validation, c.last_poll_ok_at, c.last_poll_error, c.consecutive_failures,
     (SELECT count(*) FROM filters f WHERE f.channel_id = c.id) AS filter_count
 """
+
+# The same rule as Channel.status, for searching by status in SQL.
+WORKING_SQL = """(
+    c.consecutive_failures = 0 AND c.last_validated_at IS NOT NULL
+    AND coalesce(c.validation ->> 'ok', 'false') = 'true'
+)"""
+
+OPERATORS = ("contains", "not_contains", "regex")
+ADDRESS = re.compile(r"^[^@\s<>()\[\],;:\"\\]+@([^@\s]+)$")
+
+
+class Keep(Enum):
+    """Marks an argument of an update that leaves the stored value as it is."""
+
+    KEEP = "keep"
+
+
+KEEP = Keep.KEEP
+
+
+class ChannelStatus(StrEnum):
+    ACTIVE = "active"  # validated, and not failing since
+    INACTIVE = "inactive"  # never validated, validation failed, or polls fail
 
 
 class Campaign(BaseModel):
@@ -60,6 +91,31 @@ class Channel(BaseModel):
     last_poll_error: str | None = None
     consecutive_failures: int = 0
 
+    @property
+    def status(self) -> ChannelStatus:
+        working = (
+            self.consecutive_failures == 0
+            and self.last_validated_at is not None
+            and (self.validation or {}).get("ok") is True
+        )
+        return ChannelStatus.ACTIVE if working else ChannelStatus.INACTIVE
+
+    @property
+    def status_detail(self) -> str:
+        """Why the channel has its status, with the last error when failing."""
+        if self.consecutive_failures:
+            return (
+                f"polling failed {self.consecutive_failures} time(s) in a row: "
+                f"{self.last_poll_error or 'no error recorded'}"
+            )
+        if self.last_validated_at is None:
+            return "not validated yet"
+        if self.status is ChannelStatus.INACTIVE:
+            return f"validation failed: {_validation_error(self.validation or {})}"
+        if self.last_poll_ok_at is None:
+            return "validated; not polled yet"
+        return "validated and polling"
+
 
 class Filter(BaseModel):
     model_config = ConfigDict(frozen=True)
@@ -72,6 +128,13 @@ class Filter(BaseModel):
     value: str
     campaign_id: int
     stop: bool = True
+
+
+def _validation_error(validation: Mapping[str, Any]) -> str:
+    for key in ("error", "message", "detail"):
+        if validation.get(key):
+            return str(validation[key])
+    return "no reason recorded"
 
 
 def _channel(row: dict[str, Any]) -> Channel:
@@ -94,7 +157,64 @@ def _account_json(
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"][1:]) or "type"
-        raise ValidationFailed(f"{field}.{where}", first["msg"]) from exc
+        message = first["msg"].removeprefix("Value error, ")
+        raise ValidationFailed(f"{field}.{where}", message) from exc
+
+
+def _name(name: str) -> str:
+    if not name.strip():
+        raise ValidationFailed("name", "a channel needs a name")
+    return name.strip()
+
+
+def check_address(address: str) -> str:
+    """The address without padding; empty is allowed, malformed is not."""
+    address = address.strip()
+    if not address:
+        return address
+    match = ADDRESS.match(address)
+    if match:
+        try:
+            check_host(match.group(1))
+            return address
+        except ValueError:
+            pass
+    raise ValidationFailed(
+        "address", f"{address!r} is not an email address like support@example.com"
+    )
+
+
+def _check_recipient_rule(address: str, sync_recipient_only: bool) -> None:
+    if sync_recipient_only and not address:
+        raise ValidationFailed(
+            "address",
+            "syncing only mail addressed to the channel needs the channel's address",
+        )
+
+
+def _filter_rule(field: str, operator: str, value: str) -> MatchField:
+    try:
+        match_field = MatchField(field)
+    except ValueError as exc:
+        raise ValidationFailed("field", "use sender, subject or body") from exc
+    if operator not in OPERATORS:
+        raise ValidationFailed("operator", "use contains, not_contains or regex")
+    if not value:
+        raise ValidationFailed("value", "a filter needs a keyword or pattern")
+    if operator == "regex":
+        try:
+            regex.compile(value, regex.IGNORECASE)
+        except (regex.error, ValueError, OverflowError, RecursionError) as exc:
+            raise ValidationFailed(
+                "value", f"not a valid regular expression ({exc}); correct it"
+            ) from exc
+    return match_field
+
+
+def _like(text: str) -> str:
+    """A LIKE pattern matching ``text`` anywhere, its wildcards taken literally."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
 
 
 class Catalog:
@@ -150,11 +270,14 @@ class Catalog:
         sync_all_folders: bool = False,
         sync_recipient_only: bool = False,
     ) -> Channel:
-        if not name.strip():
-            raise ValidationFailed("name", "a channel needs a name")
+        name = _name(name)
+        address = check_address(address)
+        _check_recipient_rule(address, sync_recipient_only)
         campaign_id = (
             self.campaign(default_campaign).id if default_campaign is not None else None
         )
+        in_json = _account_json("inbound", inbound, parse_inbound)
+        out_json = _account_json("outbound", outbound, parse_outbound)
         try:
             row = self.conn.execute(
                 """
@@ -165,16 +288,14 @@ class Catalog:
                 RETURNING id
                 """,
                 (
-                    name.strip(),
-                    address.strip(),
+                    name,
+                    address,
                     campaign_id,
-                    Jsonb(in_json := _account_json("inbound", inbound, parse_inbound)),
+                    Jsonb(in_json),
                     in_json.get("type"),
-                    Jsonb(
-                        out_json := _account_json("outbound", outbound, parse_outbound)
-                    ),
+                    Jsonb(out_json),
                     out_json.get("type"),
-                    self.box.seal(secrets or {}),
+                    self.box.seal({k: v for k, v in (secrets or {}).items() if v}),
                     sync_all_folders,
                     sync_recipient_only,
                 ),
@@ -183,6 +304,107 @@ class Catalog:
             raise ValidationFailed("name", f"a channel named {name!r} exists") from exc
         assert row is not None
         return self.channel(row["id"])
+
+    def update_channel(
+        self,
+        ref: int | str,
+        *,
+        name: str | Keep = KEEP,
+        address: str | Keep = KEEP,
+        default_campaign: int | str | Keep | None = KEEP,
+        inbound: dict[str, Any] | Keep | None = KEEP,
+        outbound: dict[str, Any] | Keep | None = KEEP,
+        secrets: Mapping[str, str | None] | None = None,
+        sync_all_folders: bool | Keep = KEEP,
+        sync_recipient_only: bool | Keep = KEEP,
+    ) -> Channel:
+        """Change the given settings; secrets map to a new value, or to None
+        or "" to remove one.
+
+        A change of account or secret clears the last validation, which was
+        about the old settings.
+        """
+        with self.conn.transaction():
+            current = self._locked_channel(ref)
+            values: dict[str, Any] = {}
+            if not isinstance(name, Keep):
+                values["name"] = _name(name)
+            if not isinstance(address, Keep):
+                values["address"] = check_address(address)
+            if not isinstance(sync_all_folders, Keep):
+                values["sync_all_folders"] = sync_all_folders
+            if not isinstance(sync_recipient_only, Keep):
+                values["sync_recipient_only"] = sync_recipient_only
+            _check_recipient_rule(
+                values.get("address", current.address),
+                values.get("sync_recipient_only", current.sync_recipient_only),
+            )
+
+            if not isinstance(default_campaign, Keep):
+                values["default_campaign_id"] = (
+                    None
+                    if default_campaign is None
+                    else self.campaign(default_campaign).id
+                )
+                if current.active and default_campaign is None:
+                    raise ValidationFailed(
+                        "default_campaign",
+                        f"channel {current.name!r} is active and needs its default "
+                        "campaign; deactivate it first",
+                    )
+
+            if not isinstance(inbound, Keep):
+                in_json = _account_json("inbound", inbound, parse_inbound)
+                values["inbound"] = Jsonb(in_json)
+                values["inbound_type"] = in_json.get("type")
+                if current.active and not in_json:
+                    raise ValidationFailed(
+                        "inbound",
+                        f"channel {current.name!r} is active and needs its inbound "
+                        "account; deactivate it first",
+                    )
+            if not isinstance(outbound, Keep):
+                out_json = _account_json("outbound", outbound, parse_outbound)
+                values["outbound"] = Jsonb(out_json)
+                values["outbound_type"] = out_json.get("type")
+
+            if secrets:
+                stored = self.secrets(current.id)
+                for key, value in secrets.items():
+                    if value:
+                        stored[key] = value
+                    else:
+                        stored.pop(key, None)
+                values["secrets"] = self.box.seal(stored)
+
+            if {"inbound", "outbound", "secrets"} & values.keys():
+                values["last_validated_at"] = None
+                values["validation"] = None
+            if values:
+                self._update_channel_row(current, values)
+        return self.channel(current.id)
+
+    def _locked_channel(self, ref: int | str) -> Channel:
+        channel = self.channel(ref)
+        self.conn.execute(
+            "SELECT id FROM channels WHERE id = %s FOR UPDATE", (channel.id,)
+        )
+        return self.channel(channel.id)
+
+    def _update_channel_row(self, current: Channel, values: dict[str, Any]) -> None:
+        assignments = sql.SQL(", ").join(
+            sql.SQL("{} = {}").format(sql.Identifier(k), sql.Placeholder(k))
+            for k in values
+        )
+        statement = sql.SQL(
+            "UPDATE channels SET {}, updated_at = now() WHERE id = {}"
+        ).format(assignments, sql.Placeholder("id"))
+        try:
+            self.conn.execute(statement, {**values, "id": current.id})
+        except psycopg.errors.UniqueViolation as exc:
+            raise ValidationFailed(
+                "name", f"a channel named {values.get('name')!r} exists"
+            ) from exc
 
     def channel(self, ref: int | str) -> Channel:
         column = "c.id" if isinstance(ref, int) else "c.name"
@@ -201,6 +423,43 @@ class Catalog:
         ).fetchall()
         return [_channel(r) for r in rows]
 
+    def search_channels(
+        self,
+        *,
+        text: str = "",
+        name: str = "",
+        address: str = "",
+        default_campaign: int | str | None = None,
+        status: ChannelStatus | None = None,
+    ) -> list[Channel]:
+        """Channels matching every criterion given, ordered by name.
+
+        ``text`` and ``name`` match any part of the name, ``address`` any part
+        of the address, all ignoring case. ``default_campaign`` finds the
+        channels whose default it is, not those reaching it through a filter.
+        """
+        conditions: list[sql.Composable] = [sql.SQL("true")]
+        params: list[Any] = []
+        for column, value in (("name", text), ("name", name), ("address", address)):
+            if value.strip():
+                conditions.append(
+                    sql.SQL("c.{} ILIKE %s ESCAPE '\\'").format(sql.Identifier(column))
+                )
+                params.append(_like(value.strip()))
+        if default_campaign is not None:
+            conditions.append(sql.SQL("c.default_campaign_id = %s"))
+            params.append(self.campaign(default_campaign).id)
+        if status is ChannelStatus.ACTIVE:
+            conditions.append(sql.SQL(WORKING_SQL))
+        elif status is ChannelStatus.INACTIVE:
+            conditions.append(sql.SQL(f"NOT {WORKING_SQL}"))
+
+        statement = sql.SQL(
+            "SELECT {} FROM channels c WHERE {} ORDER BY lower(c.name), c.id"
+        ).format(sql.SQL(CHANNEL_COLUMNS), sql.SQL(" AND ").join(conditions))
+        rows = self.conn.execute(statement, params).fetchall()
+        return [_channel(r) for r in rows]
+
     def secrets(self, channel_id: int) -> dict[str, str]:
         row = self.conn.execute(
             "SELECT secrets FROM channels WHERE id = %s", (channel_id,)
@@ -214,18 +473,26 @@ class Catalog:
         if active and channel.default_campaign_id is None:
             raise ValidationFailed(
                 "default_campaign",
-                f"channel {channel.name!r} has no default campaign; set one with "
-                "`channel set-default-campaign` before activating it",
+                f"channel {channel.name!r} has no default campaign; choose one "
+                "(`channel set-default-campaign` or the console's Default "
+                "campaign) before activating it",
             )
         if active and channel.inbound is None:
             raise ValidationFailed(
                 "inbound",
                 f"channel {channel.name!r} has no inbound account to poll",
             )
-        self.conn.execute(
-            "UPDATE channels SET active = %s, updated_at = now() WHERE id = %s",
-            (active, channel.id),
-        )
+        try:
+            self.conn.execute(
+                "UPDATE channels SET active = %s, updated_at = now() WHERE id = %s",
+                (active, channel.id),
+            )
+        except psycopg.errors.CheckViolation as exc:
+            raise ValidationFailed(
+                "default_campaign",
+                f"channel {channel.name!r} lost its default campaign meanwhile; "
+                "choose one before activating it",
+            ) from exc
         return self.channel(channel.id)
 
     def set_default_campaign(self, ref: int | str, campaign: int | str) -> Channel:
@@ -234,6 +501,19 @@ class Catalog:
             "UPDATE channels SET default_campaign_id = %s, updated_at = now() "
             "WHERE id = %s",
             (self.campaign(campaign).id, channel.id),
+        )
+        return self.channel(channel.id)
+
+    def record_validation(self, ref: int | str, result: Mapping[str, Any]) -> Channel:
+        """Keep the outcome of a validation; ``result["ok"]`` says if it passed.
+
+        The result must hold no secret: it is shown to every administrator.
+        """
+        channel = self.channel(ref)
+        self.conn.execute(
+            "UPDATE channels SET last_validated_at = now(), validation = %s "
+            "WHERE id = %s",
+            (Jsonb(dict(result)), channel.id),
         )
         return self.channel(channel.id)
 
@@ -253,14 +533,7 @@ class Catalog:
         stop: bool = True,
     ) -> Filter:
         channel_id = self.channel(channel).id
-        try:
-            match_field = MatchField(field)
-        except ValueError as exc:
-            raise ValidationFailed("field", "use sender, subject or body") from exc
-        if operator not in ("contains", "not_contains", "regex"):
-            raise ValidationFailed("operator", "use contains, not_contains or regex")
-        if not value:
-            raise ValidationFailed("value", "a filter needs a keyword or pattern")
+        match_field = _filter_rule(field, operator, value)
         campaign_id = self.campaign(campaign).id
         row = self.conn.execute(
             """
@@ -287,9 +560,114 @@ class Catalog:
             ).fetchall()
         return [_filter(r) for r in rows]
 
-    def delete_filter(self, filter_id: int) -> None:
-        deleted = self.conn.execute(
-            "DELETE FROM filters WHERE id = %s RETURNING id", (filter_id,)
+    def filter(self, filter_id: int) -> Filter:
+        row = self.conn.execute(
+            "SELECT * FROM filters WHERE id = %s", (filter_id,)
         ).fetchone()
-        if deleted is None:
-            raise NotFoundError(f"no filter {filter_id}")
+        if row is None:
+            raise NotFoundError(f"no filter {filter_id}; list them with `filter list`")
+        return _filter(row)
+
+    def update_filter(
+        self,
+        filter_id: int,
+        *,
+        field: str | Keep = KEEP,
+        operator: str | Keep = KEEP,
+        value: str | Keep = KEEP,
+        campaign: int | str | Keep = KEEP,
+        stop: bool | Keep = KEEP,
+    ) -> Filter:
+        current = self.filter(filter_id)
+        match_field = _filter_rule(
+            current.field if isinstance(field, Keep) else field,
+            current.operator if isinstance(operator, Keep) else operator,
+            current.value if isinstance(value, Keep) else value,
+        )
+        campaign_id = (
+            current.campaign_id
+            if isinstance(campaign, Keep)
+            else self.campaign(campaign).id
+        )
+        row = self.conn.execute(
+            """
+            UPDATE filters SET field = %s, operator = %s, value = %s,
+                campaign_id = %s, stop = %s
+            WHERE id = %s RETURNING *
+            """,
+            (
+                match_field,
+                current.operator if isinstance(operator, Keep) else operator,
+                current.value if isinstance(value, Keep) else value,
+                campaign_id,
+                current.stop if isinstance(stop, Keep) else stop,
+                filter_id,
+            ),
+        ).fetchone()
+        if row is None:
+            raise NotFoundError(f"no filter {filter_id}; it was deleted meanwhile")
+        return _filter(row)
+
+    def reorder_filters(
+        self, channel: int | str, filter_ids: Sequence[int]
+    ) -> list[Filter]:
+        """Put the channel's filters in the order given, which must name each once."""
+        channel_id = self.channel(channel).id
+        with self.conn.transaction():
+            rows = self.conn.execute(
+                "SELECT id FROM filters WHERE channel_id = %s ORDER BY position "
+                "FOR UPDATE",
+                (channel_id,),
+            ).fetchall()
+            existing = [r["id"] for r in rows]
+            if sorted(existing) != sorted(filter_ids):
+                raise ValidationFailed(
+                    "filter_ids",
+                    f"name each of the channel's filters once, in the new order; "
+                    f"its filters are {existing}",
+                )
+            self._renumber(list(filter_ids))
+        return self.filters(channel_id)
+
+    def move_filter(self, filter_id: int, position: int) -> list[Filter]:
+        """Move a filter to ``position`` (from 1) of its channel's list."""
+        item = self.filter(filter_id)
+        with self.conn.transaction():
+            rows = self.conn.execute(
+                "SELECT id FROM filters WHERE channel_id = %s ORDER BY position "
+                "FOR UPDATE",
+                (item.channel_id,),
+            ).fetchall()
+            order = [r["id"] for r in rows if r["id"] != filter_id]
+            if not 1 <= position <= len(order) + 1:
+                raise ValidationFailed(
+                    "position", f"use a position from 1 to {len(order) + 1}"
+                )
+            order.insert(position - 1, filter_id)
+            self._renumber(order)
+        return self.filters(item.channel_id)
+
+    def _renumber(self, ordered_ids: list[int]) -> None:
+        # The unique (channel, position) constraint is checked at commit, so
+        # positions may collide while the rows are rewritten one by one.
+        self.conn.execute(
+            """
+            UPDATE filters SET position = o.position
+            FROM unnest(%s::bigint[]) WITH ORDINALITY AS o(id, position)
+            WHERE filters.id = o.id
+            """,
+            (ordered_ids,),
+        )
+
+    def delete_filter(self, filter_id: int) -> None:
+        with self.conn.transaction():
+            deleted = self.conn.execute(
+                "DELETE FROM filters WHERE id = %s RETURNING channel_id", (filter_id,)
+            ).fetchone()
+            if deleted is None:
+                raise NotFoundError(f"no filter {filter_id}")
+            rest = self.conn.execute(
+                "SELECT id FROM filters WHERE channel_id = %s ORDER BY position",
+                (deleted["channel_id"],),
+            ).fetchall()
+            self._renumber([r["id"] for r in rest])

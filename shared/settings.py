@@ -105,6 +105,14 @@ class Settings(BaseSettings):
             "after the last one the send fails. JSON list in the environment."
         ),
     )
+    validate_allow_private_addresses: bool = Field(
+        False,
+        description=(
+            "Let Validate connect to loopback, private (10/8, 172.16/12, "
+            "192.168/16, fc00::/7) and link-local addresses, for test servers "
+            "on a private network; cloud metadata addresses stay refused."
+        ),
+    )
     log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
 
     @model_validator(mode="after")

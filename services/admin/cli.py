@@ -22,11 +22,14 @@ from typing import Any
 
 import click
 
+from services.admin.commands import serve, token
+from services.admin.validation import record_validation, validate_channel
 from shared import blobs, broker, db
 from shared import quarantine as quarantine_store
 from shared.broker import Outgoing, Publisher
 from shared.catalog import Catalog, Channel
 from shared.errors import MailroomError
+from shared.logs import configure_logging
 from shared.models import Address, OutboundAttachment, OutboundEmail
 from shared.secrets import SecretBox, generate_key
 from shared.settings import Settings, get_settings
@@ -87,6 +90,8 @@ def main() -> None:
 
     Settings come from MAILROOM_* environment variables (see the README).
     """
+    # Logs go to stderr, so stdout carries only results (tables or JSON).
+    configure_logging("cli", "warning")
 
 
 @main.command()
@@ -98,6 +103,10 @@ def migrate() -> None:
     click.echo(
         f"{'created the database; ' if created else ''}{applied} migration(s) applied"
     )
+
+
+main.add_command(token)
+main.add_command(serve)
 
 
 # Secrets
@@ -348,6 +357,38 @@ def channel_delete(name: str, yes: bool) -> None:
     with _catalog() as catalog:
         catalog.delete_channel(_ref(name))
     click.echo(f"channel {name} deleted")
+
+
+@channel.command("validate")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
+@click.option(
+    "--allow-private",
+    is_flag=True,
+    help="Let it reach loopback and private addresses (test servers).",
+)
+def channel_validate(name: str, as_json: bool, allow_private: bool) -> None:
+    """Try channel NAME's inbound and outbound settings now, within 60 s.
+
+    Keeps the result on the channel; exits 1 unless both directions pass.
+    """
+    settings = _settings()
+    with _catalog() as catalog:
+        item = catalog.channel(_ref(name))
+        report = validate_channel(
+            item,
+            catalog.secrets(item.id),
+            settings,
+            allow_private=True if allow_private else None,
+        )
+        record_validation(catalog.conn, item.id, report, box=catalog.box)
+
+    if as_json:
+        click.echo(report.model_dump_json(indent=2))
+    else:
+        for line in report.lines():
+            click.echo(line)
+    sys.exit(0 if report.ok else 1)
 
 
 def _ref(value: str) -> int | str:
