@@ -8,6 +8,7 @@ appear in these models' repr.
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -84,6 +85,13 @@ class GraphAccount(_Account):
         "", description="Folder processed mail is moved to; empty marks it read."
     )
     ca_file: str | None = None
+    client_secret_expires_at: datetime | None = Field(
+        None,
+        description=(
+            "When the client secret expires (Azure portal, Certificates & "
+            "secrets), so operators are warned before polling stops."
+        ),
+    )
 
     @field_validator("tenant_id", "client_id")
     @classmethod

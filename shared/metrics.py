@@ -95,7 +95,7 @@ QUARANTINE_WAITING = Gauge(
 
 class Credential(StrEnum):
     CLIENT_SECRET = "client_secret"  # noqa: S105 - a label, not a secret
-    ACCESS_TOKEN = "access_token"  # noqa: S105
+    REFRESH_TOKEN = "refresh_token"  # noqa: S105
 
 
 OUTCOMES_BY_STAGE = {

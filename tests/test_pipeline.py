@@ -17,16 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from shared import db
 from shared.catalog import Catalog, Channel
+from shared.metrics import Outcome, Stage
 from shared.models import Flag, RoutedEmail
 from shared.settings import Settings
 from shared.topology import Topology
 from tests.conftest import AMQP_URL, CORPUS
 from tests.support.dovecot import Dovecot
 from tests.support.mail import samples
-from tests.support.processes import Service, service_env
+from tests.support.processes import Service, free_port, service_env
 from tests.support.queues import drain
 
 CAMPAIGNS = ("general", "vip", "refunds", "sales")
@@ -39,7 +41,7 @@ def corpus_files() -> list[Path]:
 
 def setup_channel(
     catalog: Catalog, dovecot: Dovecot, protocol: str
-) -> tuple[Channel, str]:
+) -> tuple[Channel, str, str]:
     user = f"u{uuid.uuid4().hex[:8]}"
     password = uuid.uuid4().hex
     dovecot.add_user(user, password)
@@ -62,14 +64,17 @@ def setup_channel(
     catalog.add_filter(channel.id, "sender", "@vip.example", "vip")
     catalog.add_filter(channel.id, "subject", "refund", "refunds")
     catalog.add_filter(channel.id, "body", "purchase order", "sales")
-    return catalog.set_active(channel.id, True), user
+    return catalog.set_active(channel.id, True), user, password
 
 
 @pytest.fixture
 def services(settings: Settings) -> Iterator[list[Service]]:
     ARTIFACTS.mkdir(exist_ok=True)
     env = service_env(settings)
-    running = [Service(name, env, ARTIFACTS) for name in ("router", "sender", "poller")]
+    running = [
+        Service(name, env, ARTIFACTS, metrics_port=free_port())
+        for name in ("router", "sender", "poller")
+    ]
     yield running
     for service in running:
         service.stop()
@@ -134,7 +139,7 @@ def test_every_message_in_an_imap_mailbox_is_routed_once_or_quarantined(
     settings: Settings,
     services: list[Service],
 ) -> None:
-    channel, user = setup_channel(catalog, dovecot, "imap")
+    channel, user, password = setup_channel(catalog, dovecot, "imap")
     generated = samples(40, "imap")
     for sample in generated:
         dovecot.append(user, sample.to_bytes())
@@ -166,6 +171,70 @@ def test_every_message_in_an_imap_mailbox_is_routed_once_or_quarantined(
     for service in services:
         assert [] == service.errors(), service.name
     assert channel.id == routed[0].channel_id
+    check_metrics(services, channel.id, routed, quarantined, duplicates)
+    texts = [s.text() for s in services] + [s.get("/metrics")[1] for s in services]
+    texts += [r.model_dump_json() for r in routed]
+    assert [] == [t[:200] for t in texts if password in t]
+
+
+def scrape(service: Service) -> list[tuple[str, dict[str, str], float]]:
+    status, text = service.get("/metrics")
+    assert 200 == status
+    return [
+        (sample.name, sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("mailroom_")
+    ]
+
+
+def value(
+    found: list[tuple[str, dict[str, str], float]], name: str, **labels: str
+) -> float:
+    return sum(v for n, lbl, v in found if n == name and labels.items() <= lbl.items())
+
+
+def check_metrics(
+    services: list[Service],
+    channel_id: int,
+    routed: list[RoutedEmail],
+    quarantined: list[dict[str, Any]],
+    duplicates: list[str],
+) -> None:
+    """Every service's /metrics: probes, label sets, bounds, and true counts."""
+    by_name = {s.name: scrape(s) for s in services}
+    allowed = {
+        "stage": {m.value for m in Stage},
+        "outcome": {m.value for m in Outcome},
+        "channel_id": {str(channel_id)},
+    }
+
+    for service in services:
+        assert (200, 200) == (service.get("/livez")[0], service.get("/readyz")[0])
+        found = by_name[service.name]
+        print(f"{service.name}: {len(found)} mailroom series")
+        assert len(found) <= 150
+        for _name, labels, _value in found:
+            for key, values in allowed.items():
+                assert labels.get(key, next(iter(values))) in values, labels
+
+    poller, router = by_name["poller"], by_name["router"]
+    published = value(poller, "mailroom_messages_total", outcome="published")
+    handled = value(router, "mailroom_messages_total", stage="router")
+    assert len(routed) + len(quarantined) + len(duplicates) == published
+    assert published == handled
+    assert len(routed) == value(router, "mailroom_messages_total", outcome="routed")
+    assert len(duplicates) == value(
+        router, "mailroom_messages_total", outcome="duplicate"
+    )
+    last_poll = value(
+        poller,
+        "mailroom_channel_last_successful_poll_timestamp_seconds",
+        channel_id=str(channel_id),
+    )
+    assert time.time() - 120 < last_poll <= time.time()
+    assert 0 == value(poller, "mailroom_channel_consecutive_failures")
+    assert 0 < value(router, "mailroom_publish_confirm_seconds_count")
 
 
 def test_every_message_in_a_pop3_mailbox_is_routed_and_the_mailbox_ends_empty(
@@ -174,7 +243,7 @@ def test_every_message_in_a_pop3_mailbox_is_routed_and_the_mailbox_ends_empty(
     settings: Settings,
     services: list[Service],
 ) -> None:
-    _channel, user = setup_channel(catalog, dovecot, "pop3")
+    _channel, user, _password = setup_channel(catalog, dovecot, "pop3")
     generated = samples(25, "pop3")
     for sample in generated:
         dovecot.append(user, sample.to_bytes())

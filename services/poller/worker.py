@@ -41,11 +41,13 @@ from shared.logs import get_logger
 from shared.metrics import (
     CHANNEL_MESSAGES,
     CONSECUTIVE_FAILURES,
+    CREDENTIAL_EXPIRY,
     LAST_POLL_SUCCESS,
     MESSAGE_BYTES,
     MESSAGES,
     POLLS,
     QUARANTINE_WAITING,
+    Credential,
     Outcome,
     Stage,
     forget_channel,
@@ -220,6 +222,7 @@ class Poller:
             (channel_id,),
         )
         self._reported.add(channel_id)
+        self._report_credentials(channel)
         POLLS.labels(channel_id=str(channel_id), result="ok").inc()
         LAST_POLL_SUCCESS.labels(channel_id=str(channel_id)).set(time.time())
         CONSECUTIVE_FAILURES.labels(channel_id=str(channel_id)).set(0)
@@ -230,6 +233,13 @@ class Poller:
             seconds=round(time.monotonic() - started, 3),
         )
         return published
+
+    def _report_credentials(self, channel: Channel) -> None:
+        for account in (channel.inbound, channel.outbound):
+            if isinstance(account, GraphAccount) and account.client_secret_expires_at:
+                CREDENTIAL_EXPIRY.labels(
+                    channel_id=str(channel.id), credential=Credential.CLIENT_SECRET
+                ).set(account.client_secret_expires_at.timestamp())
 
     def _record_failure(self, channel_id: int, exc: Exception) -> None:
         row = self.db.execute(

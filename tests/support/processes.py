@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,20 +36,38 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 class Service:
     """One service process with its JSON log kept in a file."""
 
-    def __init__(self, name: str, env: dict[str, str], log_dir: Path):
+    def __init__(
+        self, name: str, env: dict[str, str], log_dir: Path, *, metrics_port: int = 0
+    ):
         self.name = name
+        self.metrics_port = metrics_port
         self.log_path = log_dir / f"{name}-{time.monotonic_ns()}.log"
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", f"services.{name}"],
-            env=env,
+            env={**env, "MAILROOM_METRICS_PORT": str(metrics_port)},
             cwd=ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
+
+    def get(self, path: str) -> tuple[int, str]:
+        """GET a path of the service's metrics endpoint: (status, body)."""
+        url = f"http://127.0.0.1:{self.metrics_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
 
     def alive(self) -> bool:
         return self.process.poll() is None
