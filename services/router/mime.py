@@ -1,0 +1,357 @@
+"""The structure of a message: its header block and its tree of MIME parts.
+
+Built for throughput and for broken mail. The header block is split by hand
+into raw field values, and the MIME tree is walked over byte offsets: the
+first plain text and HTML parts become the bodies, and every other part is
+listed as an attachment, decoded only to count and hash it. Broken structure
+(missing boundaries, runaway nesting, stray lines) is noted as a defect and
+read as sensibly as it can be.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+
+from services.router.decoding import (
+    Defects,
+    Param,
+    decode_text,
+    excerpt,
+    param_text,
+    parameters,
+    transfer_decode,
+)
+from shared.models import AttachmentInfo
+
+MAX_DEPTH = 20
+MAX_PARTS = 500
+
+HeaderFields = dict[str, list[bytes]]
+
+_HEADER_NAME = re.compile(rb"([!-9;-~]+)[ \t]*:")
+_MIME_TYPE = re.compile(r"[a-z0-9!#$&.+^_`{}~-]+/[a-z0-9!#$&.+^_`{}~-]+")
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]+")
+_UNSAFE_IN_FILENAME = re.compile(r'[<>:"|?*]')
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+_EXTENSIONS = {
+    "text/plain": ".txt",
+    "text/html": ".html",
+    "text/calendar": ".ics",
+    "text/rfc822-headers": ".txt",
+    "message/rfc822": ".eml",
+    "message/delivery-status": ".txt",
+    "message/disposition-notification": ".txt",
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/gif": ".gif",
+    "application/pdf": ".pdf",
+    "application/pkcs7-signature": ".p7s",
+    "application/pgp-signature": ".asc",
+}
+
+
+def header_fields(
+    data: bytes, defects: Defects, *, top: bool
+) -> tuple[HeaderFields, int]:
+    """Unfolded raw values by lower-case field name, and where the body starts."""
+    found: list[tuple[str, list[bytes]]] = []
+    current: list[bytes] | None = None
+    size = len(data)
+    pos = 0
+    body_start = size
+    while pos < size:
+        eol = data.find(b"\n", pos)
+        following = size if eol < 0 else eol + 1
+        line = data[pos:following].rstrip(b"\r\n")
+        if not line:
+            body_start = following
+            break
+
+        if line[0] in b" \t":
+            if current is not None:
+                current.append(line)
+            else:
+                defects.add("FirstHeaderLineIsContinuationDefect")
+        elif match := _HEADER_NAME.match(line):
+            current = [line[match.end() :]]
+            found.append((match.group(1).decode("ascii").lower(), current))
+        elif top and pos == 0 and line.startswith(b"From "):
+            pass
+        elif top and not line.startswith(b"--") and _fields_follow(data, following):
+            defects.add("line without a field name in the header skipped")
+        else:
+            defects.add("MissingHeaderBodySeparatorDefect")
+            body_start = pos
+            break
+
+        pos = following
+
+    fields: HeaderFields = {}
+    for name, lines in found:
+        fields.setdefault(name, []).append(b"".join(lines).strip())
+    return fields, body_start
+
+
+def _fields_follow(data: bytes, pos: int) -> bool:
+    """Whether only header fields follow, up to an empty line.
+
+    Tells a stray line inside the header (skipped) from the first line of a
+    body that a sender started without the empty line.
+    """
+    seen = False
+    for _ in range(100):
+        eol = data.find(b"\n", pos)
+        if eol < 0:
+            return False
+
+        line = data[pos:eol].rstrip(b"\r")
+        if not line:
+            return seen
+
+        if line[0] not in b" \t":
+            if not _HEADER_NAME.match(line):
+                return False
+            seen = True
+        pos = eol + 1
+    return False
+
+
+class Walker:
+    """Depth-first walk of the MIME tree, choosing bodies and listing the rest."""
+
+    def __init__(self, attachment_limit: int, defects: Defects) -> None:
+        self.attachment_limit = attachment_limit
+        self.defects = defects
+        self.text_body: str | None = None
+        self.html_body: str | None = None
+        self.attachments: list[AttachmentInfo] = []
+        self.top_type = ""
+        self.body_charset = ""
+        self.parts = 0
+        self.stopped = False
+
+    def entity(
+        self, fields: HeaderFields, body: bytes, depth: int, default_type: str
+    ) -> None:
+        if self.parts >= MAX_PARTS:
+            self.defects.add(f"more than {MAX_PARTS} MIME parts; the rest is unread")
+            self.stopped = True
+            return
+
+        self.parts += 1
+        ctype, params = _content_type(fields, default_type, self.defects)
+        if not self.top_type:
+            self.top_type = ctype
+
+        if ctype.startswith("multipart/"):
+            self.multipart(fields, ctype, params, body, depth)
+        else:
+            self.leaf(fields, ctype, params, body)
+
+    def multipart(
+        self,
+        fields: HeaderFields,
+        ctype: str,
+        params: dict[str, Param],
+        body: bytes,
+        depth: int,
+    ) -> None:
+        if depth >= MAX_DEPTH:
+            self.defects.add(f"MIME nested deeper than {MAX_DEPTH}; the rest is unread")
+            self.stopped = True
+            return
+
+        boundary = params.get("boundary", (b"", None))[0].strip()
+        if not boundary:
+            self.defects.add("NoBoundaryInMultipartDefect")
+            self.leaf(fields, "text/plain", params, body)
+            return
+
+        split = _split_multipart(body, boundary, MAX_PARTS + 1 - self.parts)
+        if split is None:
+            self.defects.add("StartBoundaryNotFoundDefect")
+            self.leaf(fields, "text/plain", params, body)
+            return
+
+        parts, closed = split
+        if not closed:
+            self.defects.add("CloseBoundaryNotFoundDefect")
+
+        child_type = "message/rfc822" if ctype == "multipart/digest" else "text/plain"
+        for part in parts:
+            child_fields, start = header_fields(part, self.defects, top=False)
+            self.entity(child_fields, part[start:], depth + 1, child_type)
+            if self.stopped:
+                return
+
+    def leaf(
+        self, fields: HeaderFields, ctype: str, params: dict[str, Param], body: bytes
+    ) -> None:
+        disposition, disposition_params = _disposition(fields)
+        name = disposition_params.get("filename") or params.get("name")
+        filename = param_text(name, self.defects) if name else ""
+        encoding = _transfer_encoding(fields)
+
+        is_text = ctype == "text/plain" or ctype == "text/html"
+        if is_text and disposition != "attachment" and not filename:
+            if not body.strip():
+                return
+
+            if ctype == "text/plain" and self.text_body is None:
+                self.text_body = self._text(body, encoding, params)
+                return
+
+            if ctype == "text/html" and self.html_body is None:
+                self.html_body = self._text(body, encoding, params)
+                return
+
+        data = transfer_decode(body, encoding, self.defects)
+        fallback = f"attachment-{len(self.attachments) + 1}"
+        self.attachments.append(
+            AttachmentInfo(
+                filename=safe_filename(filename)
+                or fallback + _EXTENSIONS.get(ctype, ".bin"),
+                content_type=ctype,
+                size=len(data),
+                sha256=hashlib.sha256(data).hexdigest(),
+                withheld=len(data) > self.attachment_limit,
+            )
+        )
+
+    def _text(self, body: bytes, encoding: str, params: dict[str, Param]) -> str:
+        data = transfer_decode(body, encoding, self.defects)
+        charset = params.get("charset", (b"", None))[0].decode("latin-1")
+        self.body_charset = self.body_charset or charset
+        text = decode_text(data, charset, self.defects)
+
+        if "\r" in text:
+            text = text.replace("\r\n", "\n")
+        if "\x00" in text:
+            text = text.replace("\x00", "\ufffd")
+        return text
+
+
+def _split_multipart(
+    body: bytes, boundary: bytes, limit: int
+) -> tuple[list[bytes], bool] | None:
+    """Up to ``limit`` parts between delimiter lines, and whether a close came.
+
+    None when no opening delimiter line is found. A delimiter must start a
+    line and be followed by nothing but white space, so a boundary that is
+    the prefix of a nested one does not split the nested part.
+    """
+    delimiter = b"--" + boundary
+    size = len(body)
+    parts: list[bytes] = []
+    start = -1
+    pos = 0
+    while len(parts) < limit:
+        found = body.find(delimiter, pos)
+        if found < 0:
+            break
+
+        pos = found + 1
+        if found > 0 and body[found - 1] != 0x0A:
+            continue
+
+        end = found + len(delimiter)
+        closing = body.startswith(b"--", end)
+        if closing:
+            end += 2
+
+        while end < size and body[end] in b" \t":
+            end += 1
+
+        if end < size and body[end] not in b"\r\n":
+            continue
+
+        if start >= 0:
+            stop = found
+            if stop > start and body[stop - 1] == 0x0A:
+                stop -= 1
+            if stop > start and body[stop - 1] == 0x0D:
+                stop -= 1
+            parts.append(body[start:stop])
+
+        if closing and start >= 0:
+            return parts, True
+        if closing:
+            continue
+
+        if body.startswith(b"\r\n", end):
+            end += 2
+        elif end < size:
+            end += 1
+        start = pos = end
+
+    if start < 0:
+        return None
+    if len(parts) >= limit:
+        return parts, True
+    parts.append(body[start:])
+    return parts, False
+
+
+def _content_type(
+    fields: HeaderFields, default: str, defects: Defects
+) -> tuple[str, dict[str, Param]]:
+    values = fields.get("content-type")
+    if not values:
+        return default, {}
+
+    if len(values) > 1:
+        defects.add(f"{len(values)} Content-Type headers; the first is used")
+
+    text = values[0].decode("latin-1")
+    head, _, rest = text.partition(";")
+    ctype = head.strip().lower()
+    if "=" in ctype and len(words := ctype.split(None, 1)) == 2:
+        defects.add("Content-Type parameters without ';'")
+        ctype = words[0]
+        rest = head.strip().split(None, 1)[1] + ";" + rest
+
+    params = parameters(rest)
+    if not _MIME_TYPE.fullmatch(ctype):
+        defects.add(f"invalid Content-Type {excerpt(ctype)}, read as {default}")
+        return default, params
+    return ctype, params
+
+
+def _disposition(fields: HeaderFields) -> tuple[str, dict[str, Param]]:
+    values = fields.get("content-disposition")
+    if not values:
+        return "", {}
+
+    head, _, rest = values[0].decode("latin-1").partition(";")
+    return head.strip().lower(), parameters(rest)
+
+
+def _transfer_encoding(fields: HeaderFields) -> str:
+    values = fields.get("content-transfer-encoding")
+    if not values:
+        return ""
+    return values[0].decode("latin-1").split(";", 1)[0].strip().strip("\"'").lower()
+
+
+def safe_filename(name: str) -> str:
+    """A file name without directories or control characters; '' when unusable.
+
+    Path separators, control and format characters (bidi overrides that hide
+    an extension among them) and characters Windows refuses are removed.
+    """
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    if not name.isascii():
+        name = "".join(
+            ch for ch in name if unicodedata.category(ch) not in _UNSAFE_CATEGORIES
+        )
+
+    name = _UNSAFE_IN_FILENAME.sub("_", _CONTROLS.sub("", name)).strip().rstrip(".")
+    if len(name) > 200:
+        stem, dot, extension = name.rpartition(".")
+        keep = dot and len(extension) < 10
+        name = stem[:190] + dot + extension if keep else name[:200]
+
+    return "" if name in ("", ".", "..") else name
