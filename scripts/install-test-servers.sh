@@ -12,6 +12,7 @@ PACKAGES=(
     dovecot-imapd
     dovecot-pop3d
     prometheus
+    isync
     chromium
     chromium-driver
 )
