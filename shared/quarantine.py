@@ -12,8 +12,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from shared import broker
+from shared.broker import Outgoing, Publisher
 from shared.db import DbConnection
-from shared.errors import NotFoundError
+from shared.errors import NotFoundError, ValidationFailed
 from shared.metrics import QUARANTINED, Stage
 
 
@@ -90,3 +92,23 @@ def count_open(conn: DbConnection) -> int:
         "SELECT count(*) AS n FROM quarantine WHERE replayed_at IS NULL"
     ).fetchone()
     return int(row["n"]) if row else 0
+
+
+def replay(conn: DbConnection, amqp_url: str, entry_id: int) -> QuarantinedMessage:
+    """Publish an entry again to the queue it came from, and mark it replayed."""
+    entry, body = get(conn, entry_id)
+    if not entry.queue:
+        raise ValidationFailed(
+            "entry_id",
+            f"entry {entry_id} was never published ({entry.reason}); it cannot "
+            "be replayed",
+        )
+    connection = broker.connect(amqp_url, attempts=3)
+    try:
+        Publisher(connection).publish_all(
+            [Outgoing("", entry.queue, body, f"replay-{entry_id}")]
+        )
+    finally:
+        connection.release()
+    mark_replayed(conn, entry_id)
+    return entry

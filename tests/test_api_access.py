@@ -68,7 +68,7 @@ def test_every_route_but_sign_in_refuses_a_request_without_a_token(
 ) -> None:
     answers = {
         (method, path): api.anonymous.request(
-            method, path.format(channel_id=1, filter_id=1)
+            method, path.format(channel_id=1, filter_id=1, entry_id=1)
         )
         for method, path in operations(api)
         if path != "/api/session"
@@ -112,7 +112,7 @@ def test_a_read_only_token_may_read_and_try_filters_but_changes_nothing(
     refused = {
         (method, path): api.reader.request(
             method,
-            path.format(channel_id=channel.id, filter_id=item.id),
+            path.format(channel_id=channel.id, filter_id=item.id, entry_id=1),
             json={},
         ).status_code
         for method, path in changes

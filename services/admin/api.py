@@ -31,10 +31,12 @@ from services.admin import (
     campaign_routes,
     channel_routes,
     filter_routes,
+    quarantine_routes,
     session_routes,
 )
 from services.admin.context import AdminContext
 from shared.errors import (
+    BrokerError,
     ConfigurationError,
     MessageRejected,
     NotFoundError,
@@ -101,7 +103,13 @@ def create_app(settings: Settings) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    for module in (session_routes, campaign_routes, channel_routes, filter_routes):
+    for module in (
+        session_routes,
+        campaign_routes,
+        channel_routes,
+        filter_routes,
+        quarantine_routes,
+    ):
         app.include_router(module.router)
     _add_error_handlers(app)
     app.middleware("http")(_log_and_protect)
@@ -194,6 +202,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     def _misconfigured(_: Request, exc: ConfigurationError) -> JSONResponse:
         log.error("configuration problem", error=str(exc))
         return _error(503, str(exc))
+
+    @app.exception_handler(BrokerError)
+    def _no_broker(_: Request, exc: BrokerError) -> JSONResponse:
+        log.error("broker unreachable", error=str(exc))
+        return _error(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc))
 
     @app.exception_handler(PoolTimeout)
     @app.exception_handler(psycopg.OperationalError)

@@ -511,14 +511,9 @@ def quarantine_replay(entry_id: int) -> None:
     """Publish a quarantined message again to the queue it came from."""
     settings = _settings()
     with _catalog() as catalog:
-        entry, data = quarantine_store.get(catalog.conn, entry_id)
-        if not entry.queue:
-            raise click.ClickException(
-                f"entry {entry_id} was never published ({entry.reason}); "
-                "it cannot be replayed"
-            )
-        _publish(settings, [Outgoing("", entry.queue, data, f"replay-{entry_id}")])
-        quarantine_store.mark_replayed(catalog.conn, entry_id)
+        entry = quarantine_store.replay(
+            catalog.conn, settings.amqp_url.get_secret_value(), entry_id
+        )
     click.echo(f"entry {entry_id} replayed to {entry.queue}")
 
 
