@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import binascii
 import codecs
+import hashlib
 import re
 from functools import lru_cache
 from urllib.parse import unquote_to_bytes
@@ -64,6 +65,9 @@ _ASCII_PROBES = (
 
 _IDENTITY_ENCODINGS = frozenset({"", "7bit", "8bit", "binary"})
 _UU_ENCODINGS = frozenset({"x-uuencode", "uuencode", "x-uue", "uue"})
+# Encoded bytes decoded at a time when an attachment is only counted and
+# hashed: large enough that the per-chunk overhead vanishes.
+_DIGEST_CHUNK = 1 << 20
 
 
 class Defects:
@@ -227,6 +231,57 @@ def transfer_decode(body: bytes, encoding: str, defects: Defects) -> bytes:
 
     defects.add(f"unknown Content-Transfer-Encoding {excerpt(encoding)}, read as 8bit")
     return body
+
+
+def transfer_digest(
+    data: bytes, start: int, end: int, encoding: str, defects: Defects
+) -> tuple[int, str]:
+    """Size and SHA-256 of ``data[start:end]`` with its transfer encoding undone.
+
+    An attachment is only counted and hashed, so base64 is decoded a chunk at
+    a time and a part of many megabytes is never held whole, decoded or not.
+    """
+    if encoding in _IDENTITY_ENCODINGS:
+        view = memoryview(data)[start:end]
+        return len(view), hashlib.sha256(view).hexdigest()
+
+    if encoding == "base64":
+        digest = _base64_digest(data, start, end)
+        if digest is not None:
+            return digest
+
+    decoded = transfer_decode(data[start:end], encoding, defects)
+    return len(decoded), hashlib.sha256(decoded).hexdigest()
+
+
+def _base64_digest(data: bytes, start: int, end: int) -> tuple[int, str] | None:
+    """Size and SHA-256 of well-formed base64, decoded chunk by chunk.
+
+    Chunks end at line ends. A chunk that decodes without error and holds no
+    padding ends on a whole quantum, so decoding the chunks one by one gives
+    what decoding the whole would. None when that cannot be shown (padding
+    before the last chunk, a chunk that does not decode): the caller then
+    decodes the whole, noting what is wrong.
+    """
+    hasher = hashlib.sha256()
+    size = 0
+    view = memoryview(data)
+    pos = start
+    while pos < end:
+        stop = data.find(b"\n", pos + _DIGEST_CHUNK, end) + 1
+        if stop <= 0:
+            stop = end
+        elif data.find(b"=", pos, stop) >= 0:
+            return None
+
+        try:
+            decoded = binascii.a2b_base64(view[pos:stop])
+        except binascii.Error:
+            return None
+        hasher.update(decoded)
+        size += len(decoded)
+        pos = stop
+    return size, hasher.hexdigest()
 
 
 def _base64(data: bytes, defects: Defects) -> bytes:

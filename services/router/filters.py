@@ -28,35 +28,25 @@ _QUOTE_LIMIT = 80
 _PREPARED_LIMIT = 1024
 
 
+# Where each field's text sits in the per-message list of texts.
+_SLOTS = {MatchField.SENDER: 0, MatchField.SUBJECT: 1, MatchField.BODY: 2}
+
+
 @dataclass(frozen=True)
 class _Rule:
     """A filter ready to test: value case-folded or compiled, phrases written."""
 
     filter: Filter
     field: MatchField
-    operator: str
+    slot: int
+    # A regex rule has a pattern, or none when the regex is invalid; the
+    # others test whether the folded needle is in the folded text.
+    is_regex: bool
+    negated: bool
     needle: str
     pattern: regex.Pattern[str] | None
     # What the decision says when the filter matches, or why it cannot.
     phrase: str
-
-
-class _Fields:
-    """A message's match texts, case-folded only when a filter asks for one."""
-
-    def __init__(self, parsed: ParsedEmail) -> None:
-        self.texts = {
-            MatchField.SENDER: parsed.sender_text,
-            MatchField.SUBJECT: parsed.headers.subject,
-            MatchField.BODY: parsed.body_text,
-        }
-        self.folded: dict[MatchField, str] = {}
-
-    def folded_text(self, field: MatchField) -> str:
-        folded = self.folded.get(field)
-        if folded is None:
-            folded = self.folded[field] = self.texts[field].casefold()
-        return folded
 
 
 # Prepared rules by id() of a filter tuple; the tuple is kept alongside so
@@ -68,13 +58,24 @@ def choose(
     filters: Sequence[Filter], parsed: ParsedEmail, default_campaign_id: int
 ) -> tuple[int, RouteDecision]:
     """The campaign for a message, and the decision explaining it."""
-    fields = _Fields(parsed)
+    # The loop runs once per filter per message, so the plain tests are
+    # inline and each text is case-folded only when a filter first needs it.
+    texts = (parsed.sender_text, parsed.headers.subject, parsed.body_text)
+    folded: list[str | None] = [None, None, None]
     problems: list[str] = []
     chosen: tuple[_Rule, str] | None = None
     for rule in _rules(filters):
-        found = _test(rule, fields, problems)
-        if found is None:
-            continue
+        if rule.is_regex:
+            found = _search(rule, texts[rule.slot], problems)
+            if found is None:
+                continue
+        else:
+            text = folded[rule.slot]
+            if text is None:
+                text = folded[rule.slot] = texts[rule.slot].casefold()
+            if (rule.needle in text) is rule.negated:
+                continue
+            found = rule.phrase
 
         chosen = (rule, found)
         if rule.filter.stop:
@@ -95,21 +96,14 @@ def choose(
     return rule.filter.campaign_id, decision
 
 
-def _test(rule: _Rule, fields: _Fields, problems: list[str]) -> str | None:
-    """What matched, as a phrase for the decision; None when nothing did."""
-    if rule.operator == "contains":
-        return rule.phrase if rule.needle in fields.folded_text(rule.field) else None
-    if rule.operator == "not_contains":
-        return None if rule.needle in fields.folded_text(rule.field) else rule.phrase
-
+def _search(rule: _Rule, text: str, problems: list[str]) -> str | None:
+    """What a regex rule matched, as a phrase for the decision; None if nothing."""
     item = rule.filter
     if rule.pattern is None:
         problems.append(f"filter {item.id}: {rule.phrase}; counted as no match")
         return None
     try:
-        match = rule.pattern.search(
-            fields.texts[rule.field], timeout=REGEX_TIMEOUT_SECONDS
-        )
+        match = rule.pattern.search(text, timeout=REGEX_TIMEOUT_SECONDS)
     except TimeoutError:
         problems.append(
             f"filter {item.id}: regex {_quote(item.value)} took over "
@@ -149,19 +143,20 @@ def _prepare(filters: Sequence[Filter]) -> tuple[_Rule, ...]:
     rules = []
     for item in ordered:
         field = MatchField(item.field)
+        slot = _SLOTS[field]
         value = _quote(item.value)
         if item.operator == "regex":
             pattern, error = _compile(item.value)
             phrase = error or f"{field.value} matches {value}"
-            rules.append(_Rule(item, field, "regex", "", pattern, phrase))
+            rules.append(_Rule(item, field, slot, True, False, "", pattern, phrase))
         elif item.operator == "not_contains":
             phrase = f"{field.value} does not contain {value}"
             needle = item.value.casefold()
-            rules.append(_Rule(item, field, "not_contains", needle, None, phrase))
+            rules.append(_Rule(item, field, slot, False, True, needle, None, phrase))
         else:
             phrase = f"{field.value} contains {value}"
             needle = item.value.casefold()
-            rules.append(_Rule(item, field, "contains", needle, None, phrase))
+            rules.append(_Rule(item, field, slot, False, False, needle, None, phrase))
     return tuple(rules)
 
 

@@ -10,9 +10,11 @@ read as sensibly as it can be.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import unicodedata
+from collections.abc import Mapping
+from functools import lru_cache
+from types import MappingProxyType
 
 from services.router.decoding import (
     Defects,
@@ -22,6 +24,7 @@ from services.router.decoding import (
     param_text,
     parameters,
     transfer_decode,
+    transfer_digest,
 )
 from shared.models import AttachmentInfo
 
@@ -29,8 +32,21 @@ MAX_DEPTH = 20
 MAX_PARTS = 500
 
 HeaderFields = dict[str, list[bytes]]
+# Part of a message as the whole message and offsets into it, so that a part
+# of many megabytes is never copied to be walked.
+Span = tuple[bytes, int, int]
+Params = Mapping[str, Param]
+
+_NO_PARAMS: Params = MappingProxyType({})
+# Longest header value whose reading is cached; longer ones are read each time
+# so that hostile mail cannot fill the cache with megabytes.
+_CACHED_MAX = 512
 
 _HEADER_NAME = re.compile(rb"([!-9;-~]+)[ \t]*:")
+# The line that ends a header block: empty but for carriage returns. Lines
+# are split on LF alone, so a lone CR does not end one.
+_LEADING_BLANK = re.compile(rb"\r*(?:\n|\Z)")
+_BLANK_LINE = re.compile(rb"\n\r*(?:\n|\Z)")
 _MIME_TYPE = re.compile(r"[a-z0-9!#$&.+^_`{}~-]+/[a-z0-9!#$&.+^_`{}~-]+")
 _CONTROLS = re.compile(r"[\x00-\x1f\x7f]+")
 _UNSAFE_IN_FILENAME = re.compile(r'[<>:"|?*]')
@@ -54,22 +70,34 @@ _EXTENSIONS = {
 
 
 def header_fields(
-    data: bytes, defects: Defects, *, top: bool
+    data: bytes, defects: Defects, *, top: bool, start: int = 0, end: int = -1
 ) -> tuple[HeaderFields, int]:
-    """Unfolded raw values by lower-case field name, and where the body starts."""
+    """Unfolded raw values by lower-case field name, and where the body starts.
+
+    Reads ``data[start:end]`` (to the end when ``end`` is -1) without copying
+    it: the empty line is found first, and only the header block is split.
+    """
+    size = len(data) if end < 0 else end
+    if start >= size:
+        return {}, size
+
+    leading = _LEADING_BLANK.match(data, start, size)
+    if leading:
+        return {}, leading.end()
+
+    blank = _BLANK_LINE.search(data, start, size)
+    block_end = blank.start() + 1 if blank else size
+    body_start = blank.end() if blank else size
+    lines = data[start:block_end].split(b"\n")
+    if blank:
+        lines.pop()
+
     found: list[tuple[str, list[bytes]]] = []
     current: list[bytes] | None = None
-    size = len(data)
-    pos = 0
-    body_start = size
-    while pos < size:
-        eol = data.find(b"\n", pos)
-        following = size if eol < 0 else eol + 1
-        line = data[pos:following].rstrip(b"\r\n")
-        if not line:
-            body_start = following
-            break
-
+    pos = start
+    for raw_line in lines:
+        following = pos + len(raw_line) + 1
+        line = raw_line.rstrip(b"\r")
         if line[0] in b" \t":
             if current is not None:
                 current.append(line)
@@ -78,9 +106,11 @@ def header_fields(
         elif match := _HEADER_NAME.match(line):
             current = [line[match.end() :]]
             found.append((match.group(1).decode("ascii").lower(), current))
-        elif top and pos == 0 and line.startswith(b"From "):
+        elif top and pos == start and line.startswith(b"From "):
             pass
-        elif top and not line.startswith(b"--") and _fields_follow(data, following):
+        elif (
+            top and not line.startswith(b"--") and _fields_follow(data, following, size)
+        ):
             defects.add("line without a field name in the header skipped")
         else:
             defects.add("MissingHeaderBodySeparatorDefect")
@@ -90,12 +120,12 @@ def header_fields(
         pos = following
 
     fields: HeaderFields = {}
-    for name, lines in found:
-        fields.setdefault(name, []).append(b"".join(lines).strip())
+    for name, parts in found:
+        fields.setdefault(name, []).append(b"".join(parts).strip())
     return fields, body_start
 
 
-def _fields_follow(data: bytes, pos: int) -> bool:
+def _fields_follow(data: bytes, pos: int, end: int) -> bool:
     """Whether only header fields follow, up to an empty line.
 
     Tells a stray line inside the header (skipped) from the first line of a
@@ -103,7 +133,7 @@ def _fields_follow(data: bytes, pos: int) -> bool:
     """
     seen = False
     for _ in range(100):
-        eol = data.find(b"\n", pos)
+        eol = data.find(b"\n", pos, end)
         if eol < 0:
             return False
 
@@ -134,7 +164,7 @@ class Walker:
         self.stopped = False
 
     def entity(
-        self, fields: HeaderFields, body: bytes, depth: int, default_type: str
+        self, fields: HeaderFields, body: Span, depth: int, default_type: str
     ) -> None:
         if self.parts >= MAX_PARTS:
             self.defects.add(f"more than {MAX_PARTS} MIME parts; the rest is unread")
@@ -155,8 +185,8 @@ class Walker:
         self,
         fields: HeaderFields,
         ctype: str,
-        params: dict[str, Param],
-        body: bytes,
+        params: Params,
+        body: Span,
         depth: int,
     ) -> None:
         if depth >= MAX_DEPTH:
@@ -170,7 +200,7 @@ class Walker:
             self.leaf(fields, "text/plain", params, body)
             return
 
-        split = _split_multipart(body, boundary, MAX_PARTS + 1 - self.parts)
+        split = _split_multipart(*body, boundary, MAX_PARTS + 1 - self.parts)
         if split is None:
             self.defects.add("StartBoundaryNotFoundDefect")
             self.leaf(fields, "text/plain", params, body)
@@ -181,14 +211,18 @@ class Walker:
             self.defects.add("CloseBoundaryNotFoundDefect")
 
         child_type = "message/rfc822" if ctype == "multipart/digest" else "text/plain"
-        for part in parts:
-            child_fields, start = header_fields(part, self.defects, top=False)
-            self.entity(child_fields, part[start:], depth + 1, child_type)
+        data = body[0]
+        for start, end in parts:
+            child_fields, body_start = header_fields(
+                data, self.defects, top=False, start=start, end=end
+            )
+            child = (data, body_start, end)
+            self.entity(child_fields, child, depth + 1, child_type)
             if self.stopped:
                 return
 
     def leaf(
-        self, fields: HeaderFields, ctype: str, params: dict[str, Param], body: bytes
+        self, fields: HeaderFields, ctype: str, params: Params, body: Span
     ) -> None:
         disposition, disposition_params = _disposition(fields)
         name = disposition_params.get("filename") or params.get("name")
@@ -197,31 +231,33 @@ class Walker:
 
         is_text = ctype == "text/plain" or ctype == "text/html"
         if is_text and disposition != "attachment" and not filename:
-            if not body.strip():
+            data, start, end = body
+            text = data[start:end]
+            if not text.strip():
                 return
 
             if ctype == "text/plain" and self.text_body is None:
-                self.text_body = self._text(body, encoding, params)
+                self.text_body = self._text(text, encoding, params)
                 return
 
             if ctype == "text/html" and self.html_body is None:
-                self.html_body = self._text(body, encoding, params)
+                self.html_body = self._text(text, encoding, params)
                 return
 
-        data = transfer_decode(body, encoding, self.defects)
+        size, sha256 = transfer_digest(*body, encoding, self.defects)
         fallback = f"attachment-{len(self.attachments) + 1}"
         self.attachments.append(
             AttachmentInfo(
                 filename=safe_filename(filename)
                 or fallback + _EXTENSIONS.get(ctype, ".bin"),
                 content_type=ctype,
-                size=len(data),
-                sha256=hashlib.sha256(data).hexdigest(),
-                withheld=len(data) > self.attachment_limit,
+                size=size,
+                sha256=sha256,
+                withheld=size > self.attachment_limit,
             )
         )
 
-    def _text(self, body: bytes, encoding: str, params: dict[str, Param]) -> str:
+    def _text(self, body: bytes, encoding: str, params: Params) -> str:
         data = transfer_decode(body, encoding, self.defects)
         charset = params.get("charset", (b"", None))[0].decode("latin-1")
         self.body_charset = self.body_charset or charset
@@ -235,30 +271,30 @@ class Walker:
 
 
 def _split_multipart(
-    body: bytes, boundary: bytes, limit: int
-) -> tuple[list[bytes], bool] | None:
-    """Up to ``limit`` parts between delimiter lines, and whether a close came.
+    body: bytes, first: int, size: int, boundary: bytes, limit: int
+) -> tuple[list[tuple[int, int]], bool] | None:
+    """Up to ``limit`` parts of ``body[first:size]`` between delimiter lines.
 
+    Each part is given as offsets into ``body``, with whether a close came.
     None when no opening delimiter line is found. A delimiter must start a
     line and be followed by nothing but white space, so a boundary that is
     the prefix of a nested one does not split the nested part.
     """
     delimiter = b"--" + boundary
-    size = len(body)
-    parts: list[bytes] = []
+    parts: list[tuple[int, int]] = []
     start = -1
-    pos = 0
+    pos = first
     while len(parts) < limit:
-        found = body.find(delimiter, pos)
+        found = body.find(delimiter, pos, size)
         if found < 0:
             break
 
         pos = found + 1
-        if found > 0 and body[found - 1] != 0x0A:
+        if found > first and body[found - 1] != 0x0A:
             continue
 
         end = found + len(delimiter)
-        closing = body.startswith(b"--", end)
+        closing = body.startswith(b"--", end, size)
         if closing:
             end += 2
 
@@ -274,14 +310,14 @@ def _split_multipart(
                 stop -= 1
             if stop > start and body[stop - 1] == 0x0D:
                 stop -= 1
-            parts.append(body[start:stop])
+            parts.append((start, stop))
 
         if closing and start >= 0:
             return parts, True
         if closing:
             continue
 
-        if body.startswith(b"\r\n", end):
+        if body.startswith(b"\r\n", end, size):
             end += 2
         elif end < size:
             end += 1
@@ -291,42 +327,67 @@ def _split_multipart(
         return None
     if len(parts) >= limit:
         return parts, True
-    parts.append(body[start:])
+    parts.append((start, size))
     return parts, False
 
 
 def _content_type(
     fields: HeaderFields, default: str, defects: Defects
-) -> tuple[str, dict[str, Param]]:
+) -> tuple[str, Params]:
     values = fields.get("content-type")
     if not values:
-        return default, {}
+        return default, _NO_PARAMS
 
     if len(values) > 1:
         defects.add(f"{len(values)} Content-Type headers; the first is used")
 
-    text = values[0].decode("latin-1")
-    head, _, rest = text.partition(";")
+    value = values[0]
+    read = _read_content_type if len(value) > _CACHED_MAX else _cached_content_type
+    ctype, params, found = read(value, default)
+    for defect in found:
+        defects.add(defect)
+    return ctype, params
+
+
+def _read_content_type(
+    value: bytes, default: str
+) -> tuple[str, Params, tuple[str, ...]]:
+    """Type, parameters and defects of one Content-Type value."""
+    found = []
+    head, _, rest = value.decode("latin-1").partition(";")
     ctype = head.strip().lower()
     if "=" in ctype and len(words := ctype.split(None, 1)) == 2:
-        defects.add("Content-Type parameters without ';'")
+        found.append("Content-Type parameters without ';'")
         ctype = words[0]
         rest = head.strip().split(None, 1)[1] + ";" + rest
 
     params = parameters(rest)
     if not _MIME_TYPE.fullmatch(ctype):
-        defects.add(f"invalid Content-Type {excerpt(ctype)}, read as {default}")
-        return default, params
-    return ctype, params
+        found.append(f"invalid Content-Type {excerpt(ctype)}, read as {default}")
+        return default, params, tuple(found)
+    return ctype, params, tuple(found)
 
 
-def _disposition(fields: HeaderFields) -> tuple[str, dict[str, Param]]:
+def _disposition(fields: HeaderFields) -> tuple[str, Params]:
     values = fields.get("content-disposition")
     if not values:
-        return "", {}
+        return "", _NO_PARAMS
 
-    head, _, rest = values[0].decode("latin-1").partition(";")
+    value = values[0]
+    read = _read_disposition if len(value) > _CACHED_MAX else _cached_disposition
+    return read(value)
+
+
+def _read_disposition(value: bytes) -> tuple[str, Params]:
+    head, _, rest = value.decode("latin-1").partition(";")
     return head.strip().lower(), parameters(rest)
+
+
+# Most parts of most mail carry one of a few dozen Content-Type and
+# Content-Disposition values, so each short one is read once. The parameters
+# handed out are shared and must not be changed.
+_cached_content_type = lru_cache(maxsize=1024)(_read_content_type)
+_cached_disposition = lru_cache(maxsize=1024)(_read_disposition)
 
 
 def _transfer_encoding(fields: HeaderFields) -> str:

@@ -108,7 +108,7 @@ def parse_email(raw: bytes, *, attachment_limit: int) -> ParsedEmail:
         raise MessageRejected("no header fields; this is not an email")
 
     walker = Walker(attachment_limit, defects)
-    walker.entity(fields, data[body_start:], 0, "text/plain")
+    walker.entity(fields, (data, body_start, len(data)), 0, "text/plain")
 
     reader = _HeaderReader(fields, defects, walker.body_charset)
     headers = reader.headers()

@@ -9,6 +9,8 @@ same mail in two folders) is acknowledged without being routed again.
 
 from __future__ import annotations
 
+import base64
+
 import amqp
 from pydantic import ValidationError
 
@@ -160,7 +162,7 @@ class Router(ConsumerWorker):
         out = Outgoing(
             self.topology.routed_exchange,
             routing_key,
-            routed.to_json(),
+            routed_json(routed),
             message_id=str(routed.id),
             headers={"campaign": campaign_key, "channel_id": channel.id},
         )
@@ -177,3 +179,27 @@ class Router(ConsumerWorker):
                 "withheld": Flag.ATTACHMENT_OVER_LIMIT in parsed.flags,
             },
         )
+
+
+def routed_json(routed: RoutedEmail) -> bytes:
+    """``routed.to_json()``, byte for byte, made faster.
+
+    The raw message is most of the body, and pydantic's base64 encoder is
+    several times slower than the standard library's. So the rest is
+    serialised without the raw bytes, and they are encoded as pydantic would
+    (URL-safe alphabet, padded) and put back as the last key of ``raw``.
+    """
+    data = routed.raw.data
+    if data is None:
+        return routed.to_json()
+
+    rest = routed.model_dump_json(by_alias=True, exclude=_RAW_DATA).encode()
+    # routed_at follows raw, and a quote inside a JSON string is escaped, so
+    # the last match is where the raw object closes.
+    end = rest.rfind(_AFTER_RAW)
+    encoded = base64.urlsafe_b64encode(data)
+    return b"".join((rest[:end], b',"data":"', encoded, b'"', rest[end:]))
+
+
+_RAW_DATA = {"raw": {"data"}}
+_AFTER_RAW = b'},"routed_at":'
