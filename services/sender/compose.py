@@ -1,25 +1,34 @@
 """The MIME message the sender delivers for one ``OutboundEmail``.
 
-The standard library builds, encodes and folds the message. Some Python
-releases (3.11.7 among them) can fold a header so that an encoded line break
-comes out as a real one, which lets a crafted value add headers or
-recipients. So every header value and address is checked before it goes in,
-and the generated header blocks are parsed back and compared with what was
-meant: a message that would say more than intended is refused, not sent.
+The layout is always the same (mixed > alternative text and html >
+attachments), so the MIME structure and bodies are written here: text as
+quoted-printable, attachments as base64 written in chunks, boundaries that
+hold ``=_``, which neither encoding can produce. The standard library encodes
+and folds the headers. Some Python releases (3.11.7 among them) can fold a
+header so that an encoded line break comes out as a real one, which lets a
+crafted value add headers or recipients. So every header value and address
+is checked before it goes in, and every generated header block is parsed
+back and compared with what was meant: a message that would say more than
+intended is refused, not sent.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import io
 import re
+import secrets
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import policy
 from email.errors import MessageError
 from email.headerregistry import Address as MailAddress
 from email.message import EmailMessage
-from email.parser import BytesParser
+from email.parser import BytesHeaderParser
 from email.utils import format_datetime
 from typing import NoReturn
 
@@ -44,12 +53,30 @@ FORBIDDEN = frozenset({"Cc", "Zl", "Zp", "Cs"})
 PART_FIELDS = frozenset(
     {"content-type", "content-transfer-encoding", "content-disposition"}
 )
-MIME_FIELDS = PART_FIELDS | {"mime-version"}
 # Top-level multiparts cannot be attached as they are: their structure would
 # merge with the message's own.
 OPAQUE_TYPES = ("multipart/", "message/")
 
+# 57 bytes make one 76-character base64 line; 16,384 lines at a time.
+BASE64_SLICE = 57 * 16384
+MIME_VERSION = b"MIME-Version: 1.0\r\n"
+TEXT_TYPES = ("text/plain", "text/html")
+TEXT_HEADERS = (
+    b'Content-Type: %s; charset="utf-8"\r\n'
+    b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+)
+TEXT_BLOCKS = {
+    TEXT_HEADERS % subtype.encode("ascii"): subtype for subtype in TEXT_TYPES
+}
+MULTIPART_BLOCK = re.compile(
+    rb'Content-Type: (multipart/(?:mixed|alternative)); boundary="(=_[0-9a-f]{24})"'
+    rb"\r\n\r\n"
+)
+HEADER_PARSER = BytesHeaderParser(policy=policy.default)
+
 Intended = str | list[tuple[str, str]]
+# A part as a parser reads it: content type, filename, subparts.
+Shape = tuple[str, str | None, tuple["Shape", ...]]
 
 
 def compose(
@@ -70,41 +97,120 @@ def compose(
     _check_attachments(attachments, attachment_limit)
 
     headers = _headers(out, sender, message_id, date or datetime.now(UTC))
-    files = [_attachment(info, data) for info, data in attachments]
+    body = _layout(out, [_attachment(info, data) for info, data in attachments])
     try:
-        raw = _generate(out, headers, files)
+        raw = _generate(headers, body)
     except (ValueError, MessageError) as exc:
         raise MessageRejected(
             f"the message could not be built ({exc}); check its addresses, "
             "subject and attachment names"
         ) from exc
 
-    _verify(raw, headers, [(name, kind) for name, kind, _ in files])
+    _verify(raw, headers, body.shape())
     return raw
 
 
-def _generate(
-    out: OutboundEmail,
-    headers: list[tuple[str, Intended]],
-    files: list[tuple[str, str, bytes]],
-) -> bytes:
+@dataclass(frozen=True)
+class _Part:
+    """One MIME entity: a text body, an attachment or a multipart."""
+
+    content_type: str
+    body: bytes = b""
+    filename: str | None = None
+    parts: tuple[_Part, ...] = ()
+
+    def shape(self) -> Shape:
+        return (
+            self.content_type,
+            self.filename,
+            tuple(part.shape() for part in self.parts),
+        )
+
+
+def _layout(out: OutboundEmail, files: list[tuple[str, str, bytes]]) -> _Part:
+    text = _body("text_body", out.text_body)
+    html = _body("html_body", out.html_body)
+    if html and not text:
+        body = _text_part("html", html)
+    elif html:
+        body = _Part(
+            "multipart/alternative",
+            parts=(_text_part("plain", text), _text_part("html", html)),
+        )
+    else:
+        body = _text_part("plain", text)
+
+    if not files:
+        return body
+
+    attached = tuple(
+        _Part(content_type, data, filename) for filename, content_type, data in files
+    )
+    return _Part("multipart/mixed", parts=(body, *attached))
+
+
+def _text_part(subtype: str, text: str) -> _Part:
+    # Every line ends in CRLF, the last one too, as the standard library's
+    # set_content writes text; quoted-printable then keeps lines short and
+    # turns every "=" into "=3D", so no boundary can appear in it.
+    lines = text.encode("utf-8").splitlines()
+    data = b"\r\n".join(lines) + b"\r\n"
+    return _Part(f"text/{subtype}", binascii.b2a_qp(data, istext=True))
+
+
+def _generate(headers: list[tuple[str, Intended]], body: _Part) -> bytes:
     message = EmailMessage(policy=POLICY)
     for name, value in headers:
         message[name] = value if isinstance(value, str) else _mail_addresses(value)
 
-    _add_body(message, out)
-    for filename, content_type, data in files:
-        maintype, subtype = content_type.split("/")
-        message.add_attachment(
-            data, maintype=maintype, subtype=subtype, filename=filename
+    buffer = io.BytesIO()
+    _write_headers(buffer, message)
+    buffer.write(MIME_VERSION)
+    _write_part(buffer, body)
+    return buffer.getvalue()
+
+
+def _write_part(buffer: io.BytesIO, part: _Part) -> None:
+    """The part's own headers, a blank line and its body."""
+    if part.parts:
+        boundary = b"=_" + secrets.token_hex(12).encode("ascii")
+        buffer.write(
+            b'Content-Type: %s; boundary="%s"\r\n\r\n'
+            % (part.content_type.encode("ascii"), boundary)
         )
+        buffer.write(b"--%s\r\n" % boundary)
+        for index, child in enumerate(part.parts):
+            if index:
+                buffer.write(b"\r\n--%s\r\n" % boundary)
 
-    for part in message.walk():
-        # add_alternative and add_attachment repeat it in every part.
-        if part is not message:
-            del part["MIME-Version"]
+            _write_part(buffer, child)
 
-    return message.as_bytes(policy=POLICY)
+        buffer.write(b"\r\n--%s--\r\n" % boundary)
+        return
+
+    if part.filename is None:
+        buffer.write(TEXT_HEADERS % part.content_type.encode("ascii"))
+        buffer.write(part.body)
+        return
+
+    headers = EmailMessage(policy=POLICY)
+    headers["Content-Type"] = part.content_type
+    headers["Content-Transfer-Encoding"] = "base64"
+    headers["Content-Disposition"] = "attachment"
+    headers.set_param("filename", part.filename, header="Content-Disposition")
+    _write_headers(buffer, headers)
+    buffer.write(b"\r\n")
+
+    # In slices, so that only one slice at a time is held twice.
+    view = memoryview(part.body)
+    for start in range(0, len(view), BASE64_SLICE):
+        encoded = base64.encodebytes(view[start : start + BASE64_SLICE])
+        buffer.write(encoded.replace(b"\n", b"\r\n"))
+
+
+def _write_headers(buffer: io.BytesIO, message: EmailMessage) -> None:
+    for name, value in message.raw_items():
+        buffer.write(POLICY.fold_binary(name, value))
 
 
 def recipients(out: OutboundEmail) -> list[str]:
@@ -230,18 +336,6 @@ def _mail_addresses(pairs: list[tuple[str, str]]) -> list[MailAddress]:
     return [MailAddress(display_name=name, addr_spec=email) for name, email in pairs]
 
 
-def _add_body(message: EmailMessage, out: OutboundEmail) -> None:
-    text = _body("text_body", out.text_body)
-    html = _body("html_body", out.html_body)
-    if html and not text:
-        message.set_content(html, subtype="html")
-        return
-
-    message.set_content(text)
-    if html:
-        message.add_alternative(html, subtype="html")
-
-
 def _body(field: str, value: str) -> str:
     if "\x00" in value:
         raise MessageRejected(f"{field} contains a NUL character")
@@ -292,43 +386,105 @@ def _attachment(info: OutboundAttachment, data: bytes) -> tuple[str, str, bytes]
     return filename, content_type, data
 
 
-def _verify(
-    raw: bytes,
-    headers: list[tuple[str, Intended]],
-    files: list[tuple[str, str]],
-) -> None:
-    """Refuse ``raw`` unless it parses back to exactly what was intended."""
+def _verify(raw: bytes, headers: list[tuple[str, Intended]], shape: Shape) -> None:
+    """Refuse ``raw`` unless it parses back to exactly what was intended.
+
+    Only the header blocks are parsed: bodies are found by their boundary
+    lines, the way a MIME parser finds them, and every occurrence of a
+    boundary in the message must be one of those lines.
+    """
     if not raw.isascii():
         _refuse("it is not plain ASCII")
 
-    head, blank, _ = raw.partition(b"\r\n\r\n")
-    if not blank:
+    end = raw.find(b"\r\n\r\n")
+    if end < 0:
         _refuse("it has no end of headers")
 
-    names = _field_names(head)
+    # The message's own headers come first, then the MIME ones, which are
+    # checked as those of a part are.
+    _field_names(raw[:end])
+    mime = raw.rfind(b"\r\n" + MIME_VERSION, 0, end + 2)
+    if mime < 0:
+        _refuse("it has no MIME-Version header where it belongs")
+
+    found = _field_names(raw[:mime])
     intended = [name.lower() for name, _ in headers]
-    found = [name for name in names if name not in MIME_FIELDS]
     if sorted(found) != sorted(intended):
         _refuse(f"its headers are {found}, not {intended}")
 
-    if any(names.count(name) > 1 for name in MIME_FIELDS):
-        _refuse("it repeats a MIME header")
-
-    parsed = BytesParser(policy=policy.default).parsebytes(raw)
+    parsed = _parse_headers(raw[:mime])
     for name, value in headers:
         if _parsed_value(parsed, name) != _normalized(value):
             _refuse(f"its {name} header does not read back as written")
 
-    attached = [
-        (_filename(part), part.get_content_type()) for part in parsed.iter_attachments()
-    ]
-    if attached != files:
-        _refuse("its attachments do not read back as written")
+    if _part(raw, mime + 2 + len(MIME_VERSION), len(raw)) != shape:
+        _refuse("its parts or attachments do not read back as written")
 
-    for part in parsed.walk():
-        extra = {name.lower() for name in part.keys()} - PART_FIELDS
-        if part is not parsed and extra:
-            _refuse(f"a part has the headers {sorted(extra)}")
+
+def _shape(raw: bytes, parsed: EmailMessage, start: int, end: int) -> Shape:
+    """What a parser makes of the part whose body is ``raw[start:end]``."""
+    content_type = parsed.get_content_type()
+    filename = _filename(parsed)
+    if not content_type.startswith("multipart/"):
+        return content_type, filename, ()
+
+    boundary = parsed.get_boundary()
+    if not boundary:
+        _refuse("a multipart has no boundary")
+
+    return content_type, filename, tuple(_parts(raw, boundary, start, end))
+
+
+def _parts(raw: bytes, boundary: str, start: int, end: int) -> Iterator[Shape]:
+    delimiter = b"--" + boundary.encode("ascii")
+    where = raw.find(delimiter, start, end)
+    if where != start:
+        _refuse("a multipart does not start with its boundary")
+
+    while True:
+        after = where + len(delimiter)
+        if raw.startswith(b"--\r\n", after, end) and after + 4 == end:
+            return
+
+        if not raw.startswith(b"\r\n", after, end):
+            _refuse("a boundary line holds more than the boundary")
+
+        following = raw.find(delimiter, after, end)
+        if following < 0 or raw[following - 2 : following] != b"\r\n":
+            _refuse("a boundary appears inside a part")
+
+        yield _part(raw, after + 2, following - 2)
+        where = following
+
+
+def _part(raw: bytes, start: int, end: int) -> Shape:
+    head_end = raw.find(b"\r\n\r\n", start, end)
+    if head_end < 0:
+        _refuse("a part has no end of headers")
+
+    # The header blocks of text parts and multiparts hold no value from the
+    # message, so they are compared as bytes; only attachments need parsing.
+    block = raw[start : head_end + 4]
+    if block in TEXT_BLOCKS:
+        return TEXT_BLOCKS[block], None, ()
+
+    multipart = MULTIPART_BLOCK.fullmatch(block)
+    if multipart is not None:
+        content_type, boundary = (group.decode("ascii") for group in multipart.groups())
+        return content_type, None, tuple(_parts(raw, boundary, head_end + 4, end))
+
+    names = _field_names(raw[start:head_end])
+    if len(set(names)) != len(names) or not set(names) <= PART_FIELDS:
+        _refuse(f"a part has the headers {names}")
+
+    parsed = _parse_headers(raw[start:head_end])
+    return _shape(raw, parsed, head_end + 4, end)
+
+
+def _parse_headers(head: bytes) -> EmailMessage:
+    parsed = HEADER_PARSER.parsebytes(head + b"\r\n\r\n")
+    assert isinstance(parsed, EmailMessage)
+    return parsed
 
 
 def _field_names(head: bytes) -> list[str]:
