@@ -16,8 +16,10 @@ def put(conn: DbConnection, data: bytes, *, inline_max: int) -> Payload:
     if len(data) <= inline_max:
         return Payload.of(data)
     payload = Payload.of(data, inline=False)
+    # %b sends the bytes as they are; as text psycopg would write them out
+    # in hex, twice their size, and copy them again on the way.
     conn.execute(
-        "INSERT INTO blobs (sha256, size, data) VALUES (%s, %s, %s) "
+        "INSERT INTO blobs (sha256, size, data) VALUES (%s, %s, %b) "
         "ON CONFLICT (sha256) DO NOTHING",
         (payload.sha256, payload.size, data),
     )
@@ -28,8 +30,10 @@ def get(conn: DbConnection, payload: Payload) -> bytes:
     """The payload's bytes, fetched from the store when it is a claim check."""
     if payload.data is not None:
         return payload.data
+    # A binary result comes as the bytes themselves, not as hex text twice
+    # their size that is then decoded.
     row = conn.execute(
-        "SELECT data FROM blobs WHERE sha256 = %s", (payload.sha256,)
+        "SELECT data FROM blobs WHERE sha256 = %s", (payload.sha256,), binary=True
     ).fetchone()
     if row is None:
         raise MessageRejected(

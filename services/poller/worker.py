@@ -12,13 +12,15 @@ at any point repeats work, which the router de-duplicates, and loses none.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
+import queue
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable, Iterator
 
 import psycopg
 import structlog
@@ -35,7 +37,7 @@ from shared import blobs, broker, db, quarantine
 from shared.accounts import GraphAccount, ImapAccount, Pop3Account
 from shared.broker import Outgoing, Publisher
 from shared.catalog import Catalog, Channel
-from shared.checkpoints import CheckpointStore
+from shared.checkpoints import Checkpoint, CheckpointStore
 from shared.errors import ChannelError, MailroomError
 from shared.logs import get_logger
 from shared.metrics import (
@@ -59,6 +61,8 @@ from shared.topology import RAW_KEY, Topology
 from shared.worker import RECOVERABLE
 
 log = get_logger(__name__)
+
+Batch = tuple[list[Fetched], Checkpoint]
 
 
 class Poller:
@@ -292,10 +296,56 @@ class Poller:
                 batch=self.settings.fetch_batch,
                 max_bytes=self.settings.max_message_bytes,
             )
-            for fetched, checkpoint in batches:
-                published += self._emit(channel, fetched)
-                store.advance(checkpoint)
+            published += self._publish_batches(batches, channel, store)
         return published
+
+    def _publish_batches(
+        self,
+        batches: Iterator[Batch],
+        channel: Channel,
+        store: CheckpointStore,
+    ) -> int:
+        """Publish each batch while the next one downloads.
+
+        The next batch is fetched in a thread while this one is published and
+        its confirms come in; its checkpoint is stored only once the broker
+        confirmed all of it.
+        """
+        published = 0
+        waiting: tuple[int, Checkpoint] | None = None
+        ahead = _read_ahead(batches)
+        try:
+            for fetched, checkpoint in ahead:
+                if waiting is not None:
+                    ready, waiting = waiting, None
+                    published += self._settle(channel, *ready, store)
+
+                waiting = self._publish(channel, fetched), checkpoint
+        except Exception:
+            # Only the fetch after a publish can fail with one still waiting:
+            # what was published before it is kept.
+            if waiting is not None:
+                self._settle(channel, *waiting, store)
+            raise
+        finally:
+            ahead.close()
+
+        if waiting is not None:
+            published += self._settle(channel, *waiting, store)
+        return published
+
+    def _settle(
+        self,
+        channel: Channel,
+        count: int,
+        checkpoint: Checkpoint,
+        store: CheckpointStore,
+    ) -> int:
+        if count:
+            self.publisher.wait()
+        self._count_published(channel, count)
+        store.advance(checkpoint)
+        return count
 
     def _poll_graph(self, channel: Channel, mailbox: GraphMailbox) -> int:
         store = DeltaLinkStore(self.db, channel.id)
@@ -357,7 +407,15 @@ class Poller:
 
     def _emit(self, channel: Channel, fetched: Iterable[Fetched]) -> int:
         """Publish what was fetched and wait for every confirm."""
-        batch: list[Outgoing] = []
+        count = self._publish(channel, fetched)
+        if count:
+            self.publisher.wait()
+        self._count_published(channel, count)
+        return count
+
+    def _publish(self, channel: Channel, fetched: Iterable[Fetched]) -> int:
+        """Publish what was fetched without waiting for the confirms."""
+        count = 0
         for item in fetched:
             if item.data is None:
                 self._skip_oversize(channel, item)
@@ -375,7 +433,7 @@ class Poller:
                 ),
             )
             MESSAGE_BYTES.observe(item.size)
-            batch.append(
+            self.publisher.publish(
                 Outgoing(
                     self.topology.raw_exchange,
                     RAW_KEY,
@@ -384,14 +442,14 @@ class Poller:
                     headers={"channel_id": channel.id},
                 )
             )
+            count += 1
+        return count
 
-        if batch:
-            self.publisher.publish_all(batch)
-        MESSAGES.labels(stage=self.stage, outcome=Outcome.PUBLISHED).inc(len(batch))
+    def _count_published(self, channel: Channel, count: int) -> None:
+        MESSAGES.labels(stage=self.stage, outcome=Outcome.PUBLISHED).inc(count)
         CHANNEL_MESSAGES.labels(channel_id=str(channel.id), direction="inbound").inc(
-            len(batch)
+            count
         )
-        return len(batch)
 
     def _skip(self, channel: Channel, item: Fetched, reason: str) -> None:
         self.db.execute(
@@ -424,3 +482,49 @@ class Poller:
             channel_id=channel.id,
         )
         self._skip(channel, item, reason)
+
+
+def _read_ahead(batches: Iterator[Batch]) -> Generator[Batch, None, None]:
+    """The batches, the next one fetched in a thread while the caller handles
+    the one it has, so the mailbox and the broker are waited on together.
+
+    Only the thread touches the mailbox until the generator is closed, and
+    closing it waits for the thread to finish the fetch it is in.
+    """
+    handoff: queue.Queue[Batch | BaseException | None] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def offer(item: Batch | BaseException | None) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def fetch() -> None:
+        try:
+            for batch in batches:
+                if not offer(batch):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller
+            offer(exc)
+            return
+        offer(None)
+
+    thread = threading.Thread(
+        target=contextvars.copy_context().run,
+        args=(fetch,),
+        name="imap-read-ahead",
+        daemon=True,
+    )
+    thread.start()
+    try:
+        while (item := handoff.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
