@@ -134,6 +134,7 @@ class Flag(StrEnum):
     MAILING_LIST = "mailing_list"
     PARSE_DEFECTS = "parse_defects"
     GENERATED_MESSAGE_ID = "generated_message_id"
+    BODY_TRUNCATED = "body_truncated"
 
 
 class MatchField(StrEnum):

@@ -15,7 +15,7 @@ import amqp
 from pydantic import ValidationError
 
 from services.router.filters import choose
-from services.router.parsing import parse_email
+from services.router.parsing import ParsedEmail, parse_email
 from services.router.table import RoutingTable
 from shared import blobs
 from shared.broker import Outgoing
@@ -24,6 +24,8 @@ from shared.errors import MessageRejected
 from shared.metrics import Outcome, Stage
 from shared.models import Flag, RawEmail, RoutedEmail
 from shared.worker import ConsumerWorker, Handled
+
+BODY_LIMIT_CHARS = 1_000_000
 
 
 class Router(ConsumerWorker):
@@ -142,6 +144,7 @@ class Router(ConsumerWorker):
                 channel_id=channel.id,
             )
         routing_key = self.topology.declare_campaign(self.declaring, campaign_key)
+        text_body, html_body, flags = _bounded_bodies(parsed)
 
         routed = RoutedEmail(
             id=RoutedEmail.stable_id(channel.id, raw.raw.sha256),
@@ -152,10 +155,10 @@ class Router(ConsumerWorker):
             decision=decision,
             source=raw.source,
             headers=parsed.headers,
-            text_body=parsed.text_body,
-            html_body=parsed.html_body,
+            text_body=text_body,
+            html_body=html_body,
             attachments=parsed.attachments,
-            flags=parsed.flags,
+            flags=flags,
             defects=parsed.defects,
             raw=raw.raw,
         )
@@ -179,6 +182,23 @@ class Router(ConsumerWorker):
                 "withheld": Flag.ATTACHMENT_OVER_LIMIT in parsed.flags,
             },
         )
+
+
+def _bounded_bodies(parsed: ParsedEmail) -> tuple[str, str, list[Flag]]:
+    """The bodies cut to BODY_LIMIT_CHARS each, flagged when they were cut.
+
+    RabbitMQ refuses messages over 16 MiB, and JSON may escape a character
+    into six; two bodies of a million characters stay well under that, and
+    the whole text is still in the raw message the RoutedEmail refers to.
+    """
+    text, html = parsed.text_body, parsed.html_body
+    if len(text) <= BODY_LIMIT_CHARS and len(html) <= BODY_LIMIT_CHARS:
+        return text, html, parsed.flags
+    return (
+        text[:BODY_LIMIT_CHARS],
+        html[:BODY_LIMIT_CHARS],
+        [*parsed.flags, Flag.BODY_TRUNCATED],
+    )
 
 
 def routed_json(routed: RoutedEmail) -> bytes:
