@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# Makes sure PostgreSQL and RabbitMQ answer on this machine, starting the
-# local ones when they are installed but stopped. Servers elsewhere (set by
-# MAILROOM_DATABASE_URL / MAILROOM_AMQP_URL) are only waited for.
+# Makes sure PostgreSQL and RabbitMQ answer. The servers are the ones
+# MAILROOM_DATABASE_URL and MAILROOM_AMQP_URL name (localhost by default);
+# local ones that are installed but stopped are started, remote ones are only
+# waited for.
 set -euo pipefail
 
-pg_host=${PGHOST:-127.0.0.1}
-pg_port=${PGPORT:-5432}
-amqp_host=${AMQP_HOST:-127.0.0.1}
-amqp_port=${AMQP_PORT:-5672}
+# host and port of a URL, with the scheme's usual port when none is given
+endpoint() {
+    python3 - "$1" "$2" <<'PY'
+import sys
+from urllib.parse import urlsplit
+url, default_port = sys.argv[1], sys.argv[2]
+parts = urlsplit(url)
+print(parts.hostname or "127.0.0.1", parts.port or default_port)
+PY
+}
 
 answers() {
     python3 - "$1" "$2" <<'PY'
@@ -17,6 +24,10 @@ try:
 except OSError:
     sys.exit(1)
 PY
+}
+
+is_local() {
+    [[ $1 == 127.* || $1 == localhost || $1 == ::1 ]]
 }
 
 wait_for() {
@@ -29,13 +40,20 @@ wait_for() {
     exit 1
 }
 
-if ! answers "$pg_host" "$pg_port" && command -v pg_ctlcluster >/dev/null; then
+read -r pg_host pg_port < <(endpoint \
+    "${MAILROOM_DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/mailroom}" 5432)
+read -r amqp_host amqp_port < <(endpoint \
+    "${MAILROOM_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672//}" 5672)
+
+if is_local "$pg_host" && ! answers "$pg_host" "$pg_port" \
+    && command -v pg_ctlcluster >/dev/null; then
     echo "servers-up: starting PostgreSQL"
     pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql)" main start || true
 fi
 wait_for PostgreSQL "$pg_host" "$pg_port"
 
-if ! answers "$amqp_host" "$amqp_port" && command -v rabbitmq-server >/dev/null; then
+if is_local "$amqp_host" && ! answers "$amqp_host" "$amqp_port" \
+    && command -v rabbitmq-server >/dev/null; then
     echo "servers-up: starting RabbitMQ"
     rabbitmq-server -detached || true
 fi

@@ -12,6 +12,10 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 
 stamp=.venv/.installed${extras:+-$extras}
+# An install with the test tools serves a plain run too.
+if [[ -z $extras && -f .venv/.installed-dev && ! pyproject.toml -nt .venv/.installed-dev ]]; then
+    exit 0
+fi
 if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
     if [[ -n $extras ]]; then

@@ -39,7 +39,16 @@ def run_service(
     if port is None:
         port = DEFAULT_METRICS_PORTS.get(name, 0)
     if port:
-        server = serve_metrics(settings.metrics_host, port, ready)
+        try:
+            server = serve_metrics(settings.metrics_host, port, ready)
+        except OSError as exc:
+            log.error(
+                "cannot serve metrics; choose a free port with "
+                "MAILROOM_METRICS_PORT (0 turns metrics off)",
+                address=f"{settings.metrics_host}:{port}",
+                error=str(exc),
+            )
+            raise SystemExit(1) from exc
         log.info("metrics served", url=f"http://{settings.metrics_host}:{port}/metrics")
     else:
         server = None

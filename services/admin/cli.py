@@ -591,10 +591,17 @@ def run(service: str) -> None:
     if service != "all":
         os.execv(sys.executable, [sys.executable, "-m", f"services.{service}"])  # noqa: S606
 
-    children = [
-        subprocess.Popen([sys.executable, "-m", f"services.{name}"])
-        for name in SERVICES
-    ]
+    # One port can serve one process: MAILROOM_METRICS_PORT=N gives the
+    # poller N, the router N+1 and the sender N+2 (0 still turns them off).
+    base = os.environ.get("MAILROOM_METRICS_PORT")
+    children = []
+    for offset, name in enumerate(SERVICES):
+        env = dict(os.environ)
+        if base and base != "0":
+            env["MAILROOM_METRICS_PORT"] = str(int(base) + offset)
+        children.append(
+            subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=env)
+        )
 
     def _forward(signum: int, _frame: Any) -> None:
         for child in children:
