@@ -7,45 +7,31 @@ same operations as `mailroom quarantine`.
 from __future__ import annotations
 
 import base64
-from datetime import datetime
 
 from fastapi import APIRouter
-from pydantic import BaseModel
 
 from services.admin.context import Admin, Connection, Reader, SettingsDep
 from shared import quarantine
 from shared.logs import get_logger
-from shared.metrics import Stage
+from shared.quarantine import QuarantinedMessage
 
 router = APIRouter(prefix="/api/quarantine", tags=["quarantine"])
 log = get_logger(__name__)
 
 
-class QuarantinedOut(BaseModel):
-    id: int
-    stage: Stage
-    channel_id: int | None
-    reason: str
-    detail: str
-    queue: str
-    created_at: datetime
-    replayed_at: datetime | None
-    size: int
-
-
-class QuarantinedBodyOut(QuarantinedOut):
+class QuarantinedBodyOut(QuarantinedMessage):
     body_base64: str
 
 
-@router.get("", response_model=list[QuarantinedOut])
+@router.get("", response_model=list[QuarantinedMessage])
 def list_quarantine(
     _: Reader, conn: Connection, include_replayed: bool = False, limit: int = 100
-) -> list[QuarantinedOut]:
+) -> list[QuarantinedMessage]:
     """Newest first; replayed entries only when asked for."""
     entries = quarantine.list_open(
         conn, include_replayed=include_replayed, limit=max(1, min(limit, 1000))
     )
-    return [QuarantinedOut(**e.model_dump()) for e in entries]
+    return entries
 
 
 @router.get("/{entry_id}", response_model=QuarantinedBodyOut)
@@ -57,11 +43,11 @@ def show_quarantined(entry_id: int, _: Reader, conn: Connection) -> QuarantinedB
     )
 
 
-@router.post("/{entry_id}/replay", response_model=QuarantinedOut)
+@router.post("/{entry_id}/replay", response_model=QuarantinedMessage)
 def replay_quarantined(
     entry_id: int, who: Admin, conn: Connection, settings: SettingsDep
-) -> QuarantinedOut:
+) -> QuarantinedMessage:
     """Publish the entry again to the queue it came from."""
     entry = quarantine.replay(conn, settings.amqp_url.get_secret_value(), entry_id)
     log.info("quarantine replayed", entry_id=entry_id, queue=entry.queue, by=who.name)
-    return QuarantinedOut(**entry.model_dump())
+    return entry
