@@ -256,3 +256,30 @@ def test_a_uidvalidity_reset_loses_no_new_mail_and_routes_no_old_mail_again(
     assert [f"new {i}" for i in range(3)] == subjects(second)
     assert [] == subjects(late)
     assert channel.id == RoutedEmail.model_validate_json(first[0].body).channel_id
+
+
+def test_turning_certificate_checks_off_is_logged_for_the_channel(
+    dovecot: Dovecot, mailbox: tuple[str, str]
+) -> None:
+    from structlog.testing import capture_logs
+
+    from services.poller.imap import ImapMailbox
+    from shared.accounts import ImapAccount
+
+    user, password = mailbox
+    account = ImapAccount(
+        host="127.0.0.1",
+        port=dovecot.imaps_port,
+        security="tls",
+        username=user,
+        verify_tls=False,
+    )
+
+    with capture_logs() as logs, ImapMailbox(account, password, timeout=10) as box:
+        folders = box.folders(all_folders=False)
+
+    assert ["INBOX"] == folders
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    assert [f"IMAP server 127.0.0.1:{dovecot.imaps_port}"] == [
+        e["server"] for e in warnings if "verify_tls is false" in e["event"]
+    ]

@@ -27,7 +27,10 @@ from services.poller.fetched import Fetched
 from shared.accounts import ImapAccount, Security
 from shared.checkpoints import Checkpoint
 from shared.errors import ChannelAuthError, ChannelConnectError, ChannelProtocolError
+from shared.logs import get_logger
 from shared.models import MailSource, Protocol
+
+log = get_logger(__name__)
 
 # Mail the mailbox's owner wrote or threw away, and views that repeat mail of
 # other folders: none of it is new customer mail, so "all folders" skips it.
@@ -395,6 +398,11 @@ def tls_context(verify: bool, ca_file: str | None, where: str) -> ssl.SSLContext
     """
     context = ssl.create_default_context()
     if not verify:
+        log.warning(
+            "TLS certificate checks are off for this channel (verify_tls is "
+            "false); anyone on the path can read its mail",
+            server=where,
+        )
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         return context

@@ -316,6 +316,11 @@ class SmtpConnection:
                 ) from exc
 
         if not self._account.verify_tls:
+            log.warning(
+                "TLS certificate checks are off for this channel (verify_tls is "
+                "false); anyone on the path can read its mail",
+                server=self._where,
+            )
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
 
