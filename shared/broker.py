@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import amqp
+import kombu.exceptions
 from kombu import Connection
 
 from shared.errors import BrokerError, PublishNotConfirmed
@@ -46,7 +47,8 @@ def connect(url: str, *, attempts: int | None = None) -> Connection:
             interval_step=1.0,
             interval_max=10.0,
         )
-    except conn.connection_errors as exc:
+    except (*conn.connection_errors, kombu.exceptions.OperationalError) as exc:
+        # kombu re-raises the last failure of a bounded retry as its own error.
         raise BrokerError(
             "cannot connect to RabbitMQ; check MAILROOM_AMQP_URL and that the "
             f"server is running ({exc})"
@@ -162,12 +164,14 @@ class BatchConsumer:
             try:
                 self.connection.drain_events(timeout=wait_seconds)
             except TimeoutError:
+                keep_alive(self.connection)
                 return []
         while len(self._buffer) < max_size:
             try:
                 self.connection.drain_events(timeout=0.001)
             except TimeoutError:
                 break
+        keep_alive(self.connection)
         batch = self._buffer[:max_size]
         del self._buffer[:max_size]
         return batch
@@ -184,6 +188,20 @@ class BatchConsumer:
 
     def cancel(self) -> None:
         self.channel.basic_cancel(self.tag)
+
+
+def keep_alive(connection: Connection) -> None:
+    """Read what the broker sent and send a heartbeat when one is due.
+
+    kombu sends heartbeats only when asked, and the broker closes a connection
+    it heard nothing from for two heartbeat intervals: a process that holds a
+    connection must call this at least once per interval (30 s).
+    """
+    try:
+        connection.drain_events(timeout=0.001)
+    except TimeoutError:
+        pass
+    connection.heartbeat_check()
 
 
 def declare(connection: Connection, declare_with: Callable[[Any], object]) -> None:

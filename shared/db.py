@@ -10,7 +10,7 @@ from psycopg import sql
 from psycopg.rows import DictRow, dict_row
 from yoyo import get_backend, read_migrations
 
-from shared.errors import ConfigurationError
+from shared.errors import DatabaseUnavailable
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -22,7 +22,7 @@ def connect(url: str, *, autocommit: bool = True) -> DbConnection:
     try:
         return psycopg.connect(url, autocommit=autocommit, row_factory=dict_row)
     except psycopg.OperationalError as exc:
-        raise ConfigurationError(
+        raise DatabaseUnavailable(
             f"cannot connect to PostgreSQL at {_safe(url)}: {exc}. "
             "Check MAILROOM_DATABASE_URL and that the server is running."
         ) from exc

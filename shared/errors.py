@@ -28,6 +28,10 @@ class ValidationFailed(MailroomError):
         self.message = message
 
 
+class DatabaseUnavailable(ConfigurationError):
+    """PostgreSQL cannot be reached; a running service retries, a command stops."""
+
+
 class SecretsError(ConfigurationError):
     """Stored secrets that cannot be encrypted or decrypted with the keys given."""
 

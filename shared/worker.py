@@ -24,7 +24,7 @@ from kombu import Connection
 from shared import broker, db, quarantine
 from shared.broker import BatchConsumer, Outgoing, Publisher
 from shared.db import DbConnection
-from shared.errors import BrokerError, MessageRejected
+from shared.errors import BrokerError, DatabaseUnavailable, MessageRejected
 from shared.logs import get_logger
 from shared.metrics import HANDLE_SECONDS, MESSAGES, Outcome, Stage
 from shared.settings import Settings
@@ -35,6 +35,7 @@ log = get_logger(__name__)
 RECOVERABLE: tuple[type[BaseException], ...] = (
     *broker.CONNECTION_ERRORS,
     BrokerError,
+    DatabaseUnavailable,
     psycopg.OperationalError,
     psycopg.InterfaceError,
 )
@@ -64,6 +65,7 @@ class ConsumerWorker(ABC):
             retry_delays_seconds=tuple(settings.retry_delays_seconds),
         )
         self.ready = threading.Event()
+        self._backoff = 0.5
         self.db: DbConnection
         self.connection: Connection
         self.publisher: Publisher
@@ -88,20 +90,19 @@ class ConsumerWorker(ABC):
         """Called once a batch's publishes are confirmed, before it is acked."""
 
     def run(self, stop: threading.Event) -> None:
-        backoff = 0.5
+        self._backoff = 0.5
         while not stop.is_set():
             try:
                 self._run_connected(stop)
-                backoff = 0.5
             except RECOVERABLE as exc:
                 self.ready.clear()
                 log.warning(
                     "connection lost, reconnecting",
                     error=f"{type(exc).__name__}: {exc}",
-                    in_seconds=backoff,
+                    in_seconds=self._backoff,
                 )
-                stop.wait(backoff)
-                backoff = min(backoff * 2, 15.0)
+                stop.wait(self._backoff)
+                self._backoff = min(self._backoff * 2, 15.0)
         log.info("stopped", queue=self.queue)
 
     def _run_connected(self, stop: threading.Event) -> None:
@@ -115,6 +116,8 @@ class ConsumerWorker(ABC):
                     self.connection, self.queue, self.settings.prefetch
                 )
                 self.ready.set()
+                # Connected again: the next outage starts over with a short wait.
+                self._backoff = 0.5
                 log.info("consuming", queue=self.queue, prefetch=self.settings.prefetch)
                 while not stop.is_set():
                     batch = consumer.next_batch(self.settings.prefetch, 1.0)
@@ -139,6 +142,7 @@ class ConsumerWorker(ABC):
                 self._finish(consumer, [message], [self._give_up(message)])
             else:
                 self._process_together(consumer, [message])
+                self._forget_attempts(message)
 
     def _process_together(
         self, consumer: BatchConsumer, batch: list[amqp.Message]
@@ -163,7 +167,12 @@ class ConsumerWorker(ABC):
         for handled in results:
             if handled.after_confirm is not None:
                 handled.after_confirm()
-        consumer.ack_through(batch[-1])
+
+        # Each delivery alone: a multiple ack would also take deliveries with
+        # lower tags that are not handled yet (redeliveries wait for the fresh
+        # messages of their batch), and a crash would then lose them.
+        for message in batch:
+            consumer.ack(message)
 
         per_message = (time.perf_counter() - started) / len(batch) if started else 0.0
         for message, handled in zip(batch, results, strict=True):
@@ -246,6 +255,16 @@ class ConsumerWorker(ABC):
             (self.queue, message_id),
         ).fetchone()
         return row is not None and int(row["attempts"]) >= self.settings.delivery_limit
+
+    def _forget_attempts(self, message: amqp.Message) -> None:
+        """Handled at last: another message with this id (the same email
+        published twice, a retry) starts a count of its own."""
+        message_id = message.properties.get("message_id") or ""
+        if message_id:
+            self.db.execute(
+                "DELETE FROM delivery_attempts WHERE queue = %s AND message_id = %s",
+                (self.queue, message_id),
+            )
 
     def _give_up(self, message: amqp.Message) -> Handled:
         return self.quarantine(

@@ -80,24 +80,24 @@ class Poller:
         self._requested: set[int] = set()
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._backoff = 0.5
         self._reported: set[int] = set()
         self._quarantine_reported_at = float("-inf")
 
     def run(self, stop: threading.Event) -> None:
-        backoff = 0.5
+        self._backoff = 0.5
         while not stop.is_set():
             try:
                 self._run_connected(stop)
-                backoff = 0.5
             except RECOVERABLE as exc:
                 self.ready.clear()
                 log.warning(
                     "connection lost, reconnecting",
                     error=f"{type(exc).__name__}: {exc}",
-                    in_seconds=backoff,
+                    in_seconds=self._backoff,
                 )
-                stop.wait(backoff)
-                backoff = min(backoff * 2, 15.0)
+                stop.wait(self._backoff)
+                self._backoff = min(self._backoff * 2, 15.0)
         log.info("stopped", owner=self.owner)
 
     def _run_connected(self, stop: threading.Event) -> None:
@@ -110,6 +110,8 @@ class Poller:
                 broker.declare(connection, self.topology.declare)
                 self.publisher = Publisher(connection)
                 self.ready.set()
+                # Connected again: the next outage starts over with a short wait.
+                self._backoff = 0.5
                 log.info("polling", owner=self.owner)
                 self._loop(stop)
             finally:
@@ -148,6 +150,7 @@ class Poller:
 
             self._wake.wait(1.0)
             self._wake.clear()
+            broker.keep_alive(self.publisher.connection)
 
     def _sync_watchers(self, owned: set[int]) -> None:
         """IDLE on the IMAP channels this poller holds, and on no others."""

@@ -1,12 +1,13 @@
 """The sender: OutboundEmail in, mail delivered, a DeliveryStatus out.
 
 Each idempotency key is sent at most once. Before talking to the server the
-sender claims the key in PostgreSQL (state ``sending``); a redelivered message
-whose key is ``sent`` or ``failed`` is acknowledged as a duplicate, and one
-left ``sending`` by a worker that died mid-delivery is failed as "outcome
-unknown" rather than risking a second copy. Temporary failures wait in a delay
-queue and come back; permanent ones fail at once. Every outcome is published
-as a DeliveryStatus event.
+sender claims the key in PostgreSQL (state ``sending``); a message whose key
+is ``sent`` or ``failed`` already is acknowledged as a duplicate, and one left
+``sending`` by a worker that died mid-delivery is failed as "outcome unknown"
+rather than risking a second copy. Temporary failures wait in a delay queue
+and come back; permanent ones fail at once. Every outcome is published as a
+DeliveryStatus event, also when the worker that reached it died before the
+event was published: its redelivered message publishes the event again.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pydantic import ValidationError
 from services.sender.compose import compose, message_id_for, recipients
 from services.sender.graph import GraphSender
 from services.sender.smtp import SmtpConnection
-from shared import blobs
+from shared import blobs, broker
 from shared.accounts import GraphAccount, SmtpAccount
 from shared.broker import Outgoing
 from shared.catalog import Catalog, Channel
@@ -33,6 +34,9 @@ from shared.secrets import SecretBox
 from shared.worker import ConsumerWorker, Handled
 
 ATTEMPT_HEADER = "x-mailroom-attempt"
+# On a send that waits for an earlier, interrupted delivery of its key to end.
+INTERRUPTED_HEADER = "x-mailroom-interrupted"
+FINAL = (DeliveryState.SENT, DeliveryState.FAILED)
 
 
 class Sender(ConsumerWorker):
@@ -52,7 +56,13 @@ class Sender(ConsumerWorker):
             connection.close()
 
     def handle_batch(self, messages: list[amqp.Message]) -> list[Handled]:
-        return [self._handle(message) for message in messages]
+        results = []
+        for message in messages:
+            results.append(self._handle(message))
+            # A batch of slow servers can take longer than the broker waits
+            # for a heartbeat (two intervals) before it drops the connection.
+            broker.keep_alive(self.connection)
+        return results
 
     def _handle(self, message: amqp.Message) -> Handled:
         try:
@@ -82,7 +92,7 @@ class Sender(ConsumerWorker):
             message_id = message_id_for(out.idempotency_key, _domain(channel.address))
         except MailroomError as exc:
             return self._fail(message, out, "", f"channel address: {exc}")
-        previous = self._claim(out, message_id)
+        previous = self._claim(message, out, message_id)
         if previous is not None:
             return previous
 
@@ -141,7 +151,47 @@ class Sender(ConsumerWorker):
         self.connections[channel.id] = (account, connection)
         return connection
 
-    def _claim(self, out: OutboundEmail, message_id: str) -> Handled | None:
+    def quarantine(
+        self,
+        message: amqp.Message,
+        reason: str,
+        *,
+        channel_id: int | None = None,
+        detail: str = "",
+    ) -> Handled:
+        """Keep the message, and give its key a final status all the same.
+
+        The state stored for the key is left as it is, so that replaying the
+        message once its cause is fixed can still send it.
+        """
+        kept = super().quarantine(message, reason, channel_id=channel_id, detail=detail)
+        try:
+            out = OutboundEmail.model_validate_json(message.body)
+        except ValidationError:
+            return kept
+
+        row = self.db.execute(
+            "SELECT state, message_id, smtp_code, detail FROM outbound_deliveries "
+            "WHERE idempotency_key = %s",
+            (out.idempotency_key,),
+        ).fetchone() or {"message_id": "", "state": ""}
+        if row["state"] not in FINAL:
+            row |= {"state": DeliveryState.FAILED, "smtp_code": None}
+            row["detail"] = f"kept in quarantine: {reason}"
+        status = self._status(
+            out,
+            DeliveryState(row["state"]),
+            kept.outcome,
+            row["message_id"],
+            detail=row["detail"],
+            code=row["smtp_code"],
+        )
+        kept.publish.extend(status.publish)
+        return kept
+
+    def _claim(
+        self, message: amqp.Message, out: OutboundEmail, message_id: str
+    ) -> Handled | None:
         """Take the key for this attempt; a Handled when it must not be sent."""
         claimed = self.db.execute(
             """
@@ -161,7 +211,8 @@ class Sender(ConsumerWorker):
 
         row = self.db.execute(
             """
-            SELECT state, now() - updated_at > make_interval(secs => %s) AS stale
+            SELECT state, message_id, smtp_code, detail,
+                now() - updated_at > make_interval(secs => %s) AS stale
             FROM outbound_deliveries WHERE idempotency_key = %s
             """,
             (self.settings.smtp_timeout_seconds * 2, out.idempotency_key),
@@ -177,12 +228,59 @@ class Sender(ConsumerWorker):
             return self._status(
                 out, DeliveryState.FAILED, Outcome.FAILED, message_id, detail=reason
             )
+
+        # A redelivery follows a worker that stopped while holding this
+        # message: it may have died mid-send, or after recording the outcome
+        # but before publishing its status.
+        headers = message.properties.get("application_headers") or {}
+        interrupted = bool(
+            message.delivery_info.get("redelivered") or headers.get(INTERRUPTED_HEADER)
+        )
+        if interrupted and row["state"] == "sending":
+            return self._wait_for_interrupted(message, out)
+        if interrupted and row["state"] in FINAL:
+            return self._status(
+                out,
+                DeliveryState(row["state"]),
+                Outcome.DUPLICATE,
+                row["message_id"] or message_id,
+                detail=row["detail"],
+                code=row["smtp_code"],
+            )
         return self._status(
             out,
             DeliveryState.DUPLICATE,
             Outcome.DUPLICATE,
             message_id,
             detail=f"already {row['state']}; not sent again",
+        )
+
+    def _wait_for_interrupted(
+        self, message: amqp.Message, out: OutboundEmail
+    ) -> Handled:
+        """Look again after the first retry delay: by then the interrupted send
+        has been recorded, or is stale and failed as outcome unknown."""
+        headers = dict(message.properties.get("application_headers") or {})
+        headers[INTERRUPTED_HEADER] = True
+        delay = self.topology.retry_delays_seconds[0]
+        return Handled(
+            Outcome.RETRYING,
+            publish=[
+                Outgoing(
+                    "",
+                    self.topology.retry_queue(1),
+                    bytes(message.body),
+                    message_id=out.idempotency_key,
+                    headers=headers,
+                )
+            ],
+            details={
+                "channel_id": out.channel_id,
+                "idempotency_key": out.idempotency_key,
+                "detail": "an earlier delivery stopped while sending; "
+                "its outcome is checked again",
+                "retry_in_seconds": delay,
+            },
         )
 
     def _retry_or_fail(
