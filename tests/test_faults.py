@@ -764,9 +764,14 @@ def test_a_mailbox_read_again_after_a_uidvalidity_reset_is_dropped_as_duplicates
     reset = killed.notes["uidvalidity reset"]
     prefix = f"imap:INBOX:{reset['uidvalidity']}:"
     reread = [s for s in killed.router_duplicates if s.startswith(prefix)]
+    # Mail appended just before the reset and not fetched yet is new, not a
+    # duplicate: it is routed once under the new UIDVALIDITY.
+    first_seen = [
+        r for r in killed.campaign.routed.values() if r.source.key().startswith(prefix)
+    ]
 
     assert reset["messages"] > 0
-    assert reset["messages"] <= len(reread)
+    assert reset["messages"] <= len(reread) + len(first_seen)
 
 
 # --- server restarts and SIGTERM ----------------------------------------------
