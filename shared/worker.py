@@ -51,7 +51,41 @@ class Handled:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-class ConsumerWorker(ABC):
+class Reconnecting:
+    """Runs ``_run_connected`` until stopped, reconnecting after outages.
+
+    The wait doubles from 0.5 s to 15 s, and starts over once a subclass
+    sets ``_backoff`` back after connecting.
+    """
+
+    ready: threading.Event
+    _backoff: float = 0.5
+
+    def _run_connected(self, stop: threading.Event) -> None:
+        raise NotImplementedError
+
+    def stopped_context(self) -> dict[str, Any]:
+        """What the final "stopped" log line names."""
+        return {}
+
+    def run(self, stop: threading.Event) -> None:
+        self._backoff = 0.5
+        while not stop.is_set():
+            try:
+                self._run_connected(stop)
+            except RECOVERABLE as exc:
+                self.ready.clear()
+                log.warning(
+                    "connection lost, reconnecting",
+                    error=f"{type(exc).__name__}: {exc}",
+                    in_seconds=self._backoff,
+                )
+                stop.wait(self._backoff)
+                self._backoff = min(self._backoff * 2, 15.0)
+        log.info("stopped", **self.stopped_context())
+
+
+class ConsumerWorker(Reconnecting, ABC):
     """Consumes one queue until stopped, reconnecting after outages."""
 
     stage: Stage
@@ -89,21 +123,8 @@ class ConsumerWorker(ABC):
     def confirmed(self) -> None:
         """Called once a batch's publishes are confirmed, before it is acked."""
 
-    def run(self, stop: threading.Event) -> None:
-        self._backoff = 0.5
-        while not stop.is_set():
-            try:
-                self._run_connected(stop)
-            except RECOVERABLE as exc:
-                self.ready.clear()
-                log.warning(
-                    "connection lost, reconnecting",
-                    error=f"{type(exc).__name__}: {exc}",
-                    in_seconds=self._backoff,
-                )
-                stop.wait(self._backoff)
-                self._backoff = min(self._backoff * 2, 15.0)
-        log.info("stopped", queue=self.queue)
+    def stopped_context(self) -> dict[str, Any]:
+        return {"queue": self.queue}
 
     def _run_connected(self, stop: threading.Event) -> None:
         with db.connect(self.settings.database_url) as conn:

@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Generator, Iterable, Iterator
+from typing import Any
 
 import psycopg
 import structlog
@@ -58,14 +59,14 @@ from shared.models import RawEmail
 from shared.secrets import SecretBox
 from shared.settings import Settings
 from shared.topology import RAW_KEY, Topology
-from shared.worker import RECOVERABLE
+from shared.worker import RECOVERABLE, Reconnecting
 
 log = get_logger(__name__)
 
 Batch = tuple[list[Fetched], Checkpoint]
 
 
-class Poller:
+class Poller(Reconnecting):
     stage = Stage.POLLER
 
     def __init__(self, settings: Settings, topology: Topology | None = None):
@@ -84,21 +85,8 @@ class Poller:
         self._reported: set[int] = set()
         self._quarantine_reported_at = float("-inf")
 
-    def run(self, stop: threading.Event) -> None:
-        self._backoff = 0.5
-        while not stop.is_set():
-            try:
-                self._run_connected(stop)
-            except RECOVERABLE as exc:
-                self.ready.clear()
-                log.warning(
-                    "connection lost, reconnecting",
-                    error=f"{type(exc).__name__}: {exc}",
-                    in_seconds=self._backoff,
-                )
-                stop.wait(self._backoff)
-                self._backoff = min(self._backoff * 2, 15.0)
-        log.info("stopped", owner=self.owner)
+    def stopped_context(self) -> dict[str, Any]:
+        return {"owner": self.owner}
 
     def _run_connected(self, stop: threading.Event) -> None:
         with db.connect(self.settings.database_url) as conn:
