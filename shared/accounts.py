@@ -58,31 +58,17 @@ class _ServerAccount(_Account):
         return check_host(value)
 
 
-class ImapAccount(_ServerAccount):
-    type: Literal["imap"] = "imap"
-    folder: str = "INBOX"
-    idle: bool = Field(True, description="Use IMAP IDLE where the server has it.")
+class MicrosoftApp(_Account):
+    """An app registration in Microsoft Entra ID (Azure AD) that signs in."""
 
-
-class Pop3Account(_ServerAccount):
-    type: Literal["pop3"] = "pop3"
-
-
-class GraphAccount(_Account):
-    type: Literal["graph"] = "graph"
     tenant_id: str = Field(min_length=1)
     client_id: str = Field(min_length=1)
-    mailbox: str = Field(min_length=3)
     redirect_uri: str = ""
     auth_flow: Literal["authorization_code", "client_credentials"] = (
         "client_credentials"
     )
     authority_host: str = Field(
         "https://login.microsoftonline.com", description="Azure AD endpoint."
-    )
-    graph_url: str = Field("https://graph.microsoft.com/v1.0")
-    processed_folder: str = Field(
-        "", description="Folder processed mail is moved to; empty marks it read."
     )
     ca_file: str | None = None
     client_secret_expires_at: datetime | None = Field(
@@ -103,10 +89,59 @@ class GraphAccount(_Account):
         return value
 
 
+class GraphAccount(MicrosoftApp):
+    type: Literal["graph"] = "graph"
+    mailbox: str = Field(min_length=3)
+    graph_url: str = Field("https://graph.microsoft.com/v1.0")
+    processed_folder: str = Field(
+        "", description="Folder processed mail is moved to; empty marks it read."
+    )
+
+
+class MicrosoftLogin(MicrosoftApp):
+    """XOAUTH2 with tokens from Microsoft's identity platform, renewed by Mailroom.
+
+    The client secret and, for the authorization-code flow, the refresh token
+    are the channel's ``client_secret`` and ``refresh_token`` secrets, shared
+    with any Exchange Online (Graph) account of the same channel.
+    """
+
+    provider: Literal["microsoft"] = "microsoft"
+
+
+class TokenLogin(_Account):
+    """XOAUTH2 with an access token kept in the account's secret.
+
+    For providers Mailroom cannot sign in to itself: whatever issues the
+    token stores each new one through the API before the old one expires.
+    """
+
+    provider: Literal["token"] = "token"
+
+
+OAuth2Login = Annotated[MicrosoftLogin | TokenLogin, Field(discriminator="provider")]
+OAUTH2_DESCRIPTION = (
+    "Sign in with SASL XOAUTH2 instead of the password; the user name is the "
+    "mailbox the token is for."
+)
+
+
+class ImapAccount(_ServerAccount):
+    type: Literal["imap"] = "imap"
+    folder: str = "INBOX"
+    idle: bool = Field(True, description="Use IMAP IDLE where the server has it.")
+    oauth2: OAuth2Login | None = Field(None, description=OAUTH2_DESCRIPTION)
+
+
+class Pop3Account(_ServerAccount):
+    type: Literal["pop3"] = "pop3"
+
+
 class SmtpAccount(_ServerAccount):
     type: Literal["smtp"] = "smtp"
     port: int = Field(587, ge=1, le=65535)
     security: Security = Security.STARTTLS
+    oauth2: OAuth2Login | None = Field(None, description=OAUTH2_DESCRIPTION)
 
 
 InboundAccount = Annotated[

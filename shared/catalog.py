@@ -468,6 +468,34 @@ class Catalog:
             raise NotFoundError(f"no channel {channel_id}")
         return self.box.open(row["secrets"])
 
+    def keep_rotated_secrets(
+        self, channel_id: int, before: Mapping[str, str], after: Mapping[str, str]
+    ) -> None:
+        """Store the secrets a sign-in rotated (a new refresh token).
+
+        Only the values that changed from ``before`` are written, and only
+        where nobody stored another value meanwhile, so a poller and a sender
+        renewing at once, or an administrator authorising again, are not
+        overwritten.
+        """
+        changed = {k: v for k, v in after.items() if before.get(k) != v}
+        if not changed:
+            return
+        with self.conn.transaction():
+            row = self.conn.execute(
+                "SELECT secrets FROM channels WHERE id = %s FOR UPDATE", (channel_id,)
+            ).fetchone()
+            if row is None:
+                return
+            stored = self.box.open(row["secrets"])
+            for key, value in changed.items():
+                if stored.get(key) == before.get(key):
+                    stored[key] = value
+            self.conn.execute(
+                "UPDATE channels SET secrets = %s WHERE id = %s",
+                (self.box.seal(stored), channel_id),
+            )
+
     def set_active(self, ref: int | str, active: bool) -> Channel:
         channel = self.channel(ref)
         if active and channel.default_campaign_id is None:

@@ -62,5 +62,17 @@ class SecretBox:
         result: dict[str, str] = json.loads(data)
         return result
 
+    def seal_text(self, value: str) -> str:
+        """``value`` encrypted and signed, safe to put in a URL."""
+        return self._require().encrypt(value.encode()).decode("ascii")
+
+    def open_text(self, token: str, *, max_age_seconds: int) -> str | None:
+        """What ``seal_text`` sealed, or None if forged, garbled or too old."""
+        try:
+            data = self._require().decrypt(token.encode(), ttl=max_age_seconds)
+        except (InvalidToken, ValueError):
+            return None
+        return data.decode()
+
     def rotate(self, token: bytes) -> bytes:
         return self._require().rotate(bytes(token))

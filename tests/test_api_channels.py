@@ -75,6 +75,8 @@ def test_a_channel_is_stored_with_its_accounts_and_its_passwords_never_come_back
         "outbound_password_set": True,
         "client_secret_set": False,
         "refresh_token_set": False,
+        "inbound_access_token_set": False,
+        "outbound_access_token_set": False,
     } == shown.json()["secrets"]
     assert ("imap", 993, 587, "general", True) == (
         shown.json()["inbound"]["type"],

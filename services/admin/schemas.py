@@ -20,6 +20,8 @@ SECRET_NAMES = (
     "outbound_password",
     "client_secret",
     "refresh_token",
+    "inbound_access_token",
+    "outbound_access_token",
 )
 Operator = Literal["contains", "not_contains", "regex"]
 
@@ -85,6 +87,14 @@ class SecretsIn(_Body):
     refresh_token: SecretStr | None = Field(
         None, description="Exchange Online delegated sign-in."
     )
+    inbound_access_token: SecretStr | None = Field(
+        None,
+        description="IMAP XOAUTH2 with oauth2.provider 'token': the current token.",
+    )
+    outbound_access_token: SecretStr | None = Field(
+        None,
+        description="SMTP XOAUTH2 with oauth2.provider 'token': the current token.",
+    )
 
     def changes(self) -> dict[str, str | None]:
         return {
@@ -139,6 +149,8 @@ class SecretsSet(BaseModel):
     outbound_password_set: bool = False
     client_secret_set: bool = False
     refresh_token_set: bool = False
+    inbound_access_token_set: bool = False
+    outbound_access_token_set: bool = False
 
     @classmethod
     def of(cls, stored: set[str]) -> SecretsSet:

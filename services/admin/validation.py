@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr
 
-from services.admin.validation_graph import Credentials, probe_graph
+from services.admin.validation_graph import Credentials, mail_token, probe_graph
 from services.admin.validation_imap import probe_imap
 from services.admin.validation_network import Budget, Dialer, Resolver
 from services.admin.validation_pop3 import probe_pop3
@@ -36,6 +36,7 @@ from shared.accounts import ImapAccount, Pop3Account, SmtpAccount
 from shared.catalog import Catalog, Channel
 from shared.db import DbConnection
 from shared.logs import get_logger
+from shared.oauth import IMAP_SCOPES, SMTP_SCOPES
 from shared.secrets import SecretBox
 from shared.settings import Settings
 
@@ -182,11 +183,17 @@ def _inbound(channel: Channel, credentials: Credentials, dialer: Dialer) -> Verd
         )
 
     if isinstance(account, ImapAccount):
+        token = None
+        if account.oauth2 is not None:
+            token = mail_token(
+                account.oauth2, "inbound", IMAP_SCOPES, credentials, dialer
+            )
         return probe_imap(
             account,
             credentials.get("inbound_password"),
             dialer,
             all_folders=channel.sync_all_folders,
+            token=token,
         )
     if isinstance(account, Pop3Account):
         return probe_pop3(account, credentials.get("inbound_password"), dialer)
@@ -207,7 +214,12 @@ def _outbound(channel: Channel, credentials: Credentials, dialer: Dialer) -> Ver
 
     if isinstance(account, SmtpAccount):
         password = credentials.get("outbound_password") or None
-        return probe_smtp(account, password, dialer)
+        token = None
+        if account.oauth2 is not None:
+            token = mail_token(
+                account.oauth2, "outbound", SMTP_SCOPES, credentials, dialer
+            )
+        return probe_smtp(account, password, dialer, token=token)
     return probe_graph(account, "outbound", credentials, dialer)
 
 

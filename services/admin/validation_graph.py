@@ -17,7 +17,7 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import requests
@@ -33,9 +33,16 @@ from services.admin.validation_network import (
     found,
 )
 from services.admin.validation_verdicts import Kind, StepFailed, Verdict
-from services.poller.graph import GraphClient, sign_in_problem
-from shared.accounts import GraphAccount
+from services.poller.graph import GraphClient
+from shared.accounts import GraphAccount, MicrosoftApp, MicrosoftLogin, TokenLogin
 from shared.errors import ChannelAuthError, ChannelError
+from shared.oauth import (
+    HttpSession,
+    Scopes,
+    TokenSource,
+    sign_in_problem,
+    token_secret,
+)
 
 # Throttling is waited out only this long: the validation has 60 s in all.
 THROTTLE_WAIT = 5.0
@@ -44,6 +51,18 @@ FOLDERS = {"inbound": "inbox", "outbound": "drafts"}
 SECRET_FIELDS = frozenset({"client_secret", "refresh_token"})
 
 Dial = Callable[[str, int, float | None], socket.socket]
+
+
+class _SignsIn(Protocol):
+    def access_token(self) -> str: ...
+
+    @property
+    def updated_secrets(self) -> dict[str, str]: ...
+
+    def close(self) -> None: ...
+
+
+S = TypeVar("S", bound=_SignsIn)
 
 
 class Credentials:
@@ -75,9 +94,7 @@ class Credentials:
                 if self.given.get(name) != value
             }
 
-    def sign_in(
-        self, client_for: Callable[[dict[str, str]], GraphClient]
-    ) -> GraphClient:
+    def sign_in(self, client_for: Callable[[dict[str, str]], S]) -> S:
         """A client made with the current secrets and signed in; close it."""
         with self._lock:
             client = client_for(dict(self._current))
@@ -133,7 +150,10 @@ def probe_graph(
 
 
 def _check_settings(
-    account: GraphAccount, direction: str, credentials: Credentials
+    account: MicrosoftApp,
+    direction: str,
+    credentials: Credentials,
+    kind: Kind = Kind.GRAPH_TOKEN_ERROR,
 ) -> None:
     """What can be seen to be wrong before anything goes over the network."""
     padded = {
@@ -161,13 +181,16 @@ def _check_settings(
         "refresh_token"
     ):
         raise StepFailed(
-            Kind.GRAPH_TOKEN_ERROR,
+            kind,
             "this channel has not been authorised yet: use Save and authorise to "
             "sign in to the mailbox",
             "refresh_token",
         )
 
-    for setting in ("authority_host", "graph_url"):
+    settings = ["authority_host"]
+    if isinstance(account, GraphAccount):
+        settings.append("graph_url")
+    for setting in settings:
         url = urlsplit(getattr(account, setting))
         if url.scheme != "https" or not url.hostname:
             raise StepFailed(
@@ -176,6 +199,46 @@ def _check_settings(
                 "URL; secrets and tokens travel only encrypted",
                 f"{direction}.{setting}",
             )
+
+
+def mail_token(
+    login: MicrosoftLogin | TokenLogin,
+    direction: str,
+    scopes: Scopes,
+    credentials: Credentials,
+    dialer: Dialer,
+) -> str:
+    """The access token an IMAP or SMTP probe logs in with (XOAUTH2)."""
+    if isinstance(login, TokenLogin):
+        name = token_secret(direction)
+        token = credentials.get(name)
+        if not token:
+            raise StepFailed(
+                Kind.BAD_SETTING,
+                f"the {direction} account signs in with an access token, but none "
+                f"is stored: set the secret {name}",
+                name,
+            )
+        return token
+
+    _check_settings(login, direction, credentials, Kind.TOKEN_ERROR)
+    authority = _endpoint(login.authority_host, direction, "Azure AD")
+    seconds = dialer.budget.step()
+
+    def source_for(secrets: dict[str, str]) -> TokenSource:
+        http = HttpSession(seconds, login.ca_file or True)
+        _route_through(http.session, _Adapter(dialer, [authority]))
+        return TokenSource(login, secrets, scopes, http=http)
+
+    try:
+        source = credentials.sign_in(source_for)
+    except ChannelAuthError as exc:
+        raise _refused(exc, login, direction, Kind.TOKEN_ERROR) from exc
+    except ChannelError as exc:
+        raise _unreachable(exc, authority, "signing in", seconds) from exc
+    token = source.access_token()
+    source.close()
+    return token
 
 
 def _endpoint(url: str, direction: str, protocol: str) -> Endpoint:
@@ -211,20 +274,26 @@ def _read_folder(
 
 
 def _refused(
-    exc: ChannelAuthError, account: GraphAccount, direction: str
+    exc: ChannelAuthError,
+    account: MicrosoftApp,
+    direction: str,
+    kind: Kind = Kind.GRAPH_TOKEN_ERROR,
 ) -> StepFailed:
     """Azure AD's refusal, with the setting to change."""
     said = " ".join(str(item) for item in chain(exc))
     problem = sign_in_problem(account, "", said, padded_secret=False)
     if problem.field == "consent":
-        return StepFailed(Kind.GRAPH_PERMISSION_MISSING, str(exc))
+        missing = (
+            Kind.GRAPH_PERMISSION_MISSING if kind is Kind.GRAPH_TOKEN_ERROR else kind
+        )
+        return StepFailed(missing, str(exc))
 
     field = None
     if problem.field in SECRET_FIELDS:
         field = problem.field
     elif problem.field:
         field = f"{direction}.{problem.field}"
-    return StepFailed(Kind.GRAPH_TOKEN_ERROR, str(exc), field)
+    return StepFailed(kind, str(exc), field)
 
 
 def _unreachable(
@@ -248,9 +317,13 @@ def _decoded(response: requests.Response) -> dict[str, Any]:
 
 def _connect_through(client: GraphClient, adapter: HTTPAdapter) -> None:
     # GraphClient has no hook for its transport; this session carries msal's
-    # requests and Graph's. Proxies from the environment are not used: through
-    # a proxy the address rules could not hold.
-    session = client._http.session
+    # requests and Graph's.
+    _route_through(client._http.session, adapter)
+
+
+def _route_through(session: requests.Session, adapter: HTTPAdapter) -> None:
+    # Proxies from the environment are not used: through a proxy the address
+    # rules could not hold.
     session.trust_env = False
     session.mount("https://", adapter)
     session.mount("http://", adapter)

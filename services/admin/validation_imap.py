@@ -83,12 +83,21 @@ class _Imap(IMAPClient):
 
 
 def probe_imap(
-    account: ImapAccount, password: str, dialer: Dialer, *, all_folders: bool
+    account: ImapAccount,
+    password: str,
+    dialer: Dialer,
+    *,
+    all_folders: bool,
+    token: str | None = None,
 ) -> Verdict:
-    """Connect, log in and open the folder the poller reads."""
+    """Connect, log in and open the folder the poller reads.
+
+    With ``token`` the login is XOAUTH2 with that access token.
+    """
     endpoint = Endpoint("inbound", "IMAP", account.host, account.port)
     context = client_tls(account.verify_tls, account.ca_file, endpoint)
-    require_password(password, endpoint)
+    if token is None:
+        require_password(password, endpoint)
 
     seconds = dialer.budget.step()
     try:
@@ -113,7 +122,10 @@ def probe_imap(
     try:
         if account.security is Security.STARTTLS:
             _imap_starttls(client, context, endpoint, dialer)
-        _imap_login(client, account.username, password, endpoint, dialer)
+        if token is None:
+            _imap_login(client, account.username, password, endpoint, dialer)
+        else:
+            _imap_token_login(client, account.username, token, endpoint, dialer)
         if all_folders:
             found = _imap_folders(client, endpoint, dialer)
         else:
@@ -168,6 +180,27 @@ def _imap_login(
             "check the channel's inbound username and password, and that the "
             "mailbox allows IMAP with a password",
             endpoint.field("password"),
+        ) from exc
+    except IMAPClient.Error as exc:
+        raise broke_off(endpoint, "logging in", exc) from exc
+    except OSError as exc:
+        raise failure(exc, endpoint, "logging in", seconds) from exc
+
+
+def _imap_token_login(
+    client: IMAPClient, username: str, token: str, endpoint: Endpoint, dialer: Dialer
+) -> None:
+    seconds = next_step(client.socket(), dialer)
+    try:
+        client.oauth2_login(username, token)
+    except LoginError as exc:
+        raise StepFailed(
+            Kind.AUTH_FAILURE,
+            f"{endpoint} refused the OAuth token for {username!r} "
+            f"({server_words(exc)}); check that the username is the mailbox the "
+            "token is for, that the app has the IMAP permission, and that the "
+            "mailbox allows IMAP",
+            endpoint.field("oauth2"),
         ) from exc
     except IMAPClient.Error as exc:
         raise broke_off(endpoint, "logging in", exc) from exc

@@ -24,6 +24,7 @@ from services.admin.validation_network import (
 )
 from services.admin.validation_verdicts import Kind, StepFailed, Verdict
 from shared.accounts import Security, SmtpAccount
+from shared.oauth import xoauth2_b64
 
 T = TypeVar("T")
 # Replies that mean the server wants encryption before AUTH.
@@ -64,8 +65,17 @@ class _Smtp(smtplib.SMTP):
             raise
 
 
-def probe_smtp(account: SmtpAccount, password: str | None, dialer: Dialer) -> Verdict:
-    """Connect, EHLO, secure and log in as the sender would; send nothing."""
+def probe_smtp(
+    account: SmtpAccount,
+    password: str | None,
+    dialer: Dialer,
+    *,
+    token: str | None = None,
+) -> Verdict:
+    """Connect, EHLO, secure and log in as the sender would; send nothing.
+
+    With ``token`` the login is XOAUTH2 with that access token.
+    """
     endpoint = Endpoint("outbound", "SMTP", account.host, account.port)
     context = client_tls(account.verify_tls, account.ca_file, endpoint)
 
@@ -77,7 +87,10 @@ def probe_smtp(account: SmtpAccount, password: str | None, dialer: Dialer) -> Ve
         _step(smtp, endpoint, dialer, "EHLO", smtp.ehlo_or_helo_if_needed)
         if account.security is Security.STARTTLS:
             _starttls(smtp, context, endpoint, dialer)
-        logged_in = _log_in(smtp, account.username, password, endpoint, dialer)
+        if token is None:
+            logged_in = _log_in(smtp, account.username, password, endpoint, dialer)
+        else:
+            logged_in = _token_log_in(smtp, account.username, token, endpoint, dialer)
     except BaseException:
         # QUIT to a server that failed a step could wait once more.
         smtp.close()
@@ -189,6 +202,39 @@ def _log_in(
         f"{endpoint} refused the login for {username!r} ({code} {_text(text)}); "
         "check the channel's outbound username and password",
         endpoint.field("password"),
+    )
+
+
+def _token_log_in(
+    smtp: smtplib.SMTP, username: str, token: str, endpoint: Endpoint, dialer: Dialer
+) -> bool:
+    """AUTH XOAUTH2 as the sender does it."""
+    offered = smtp.esmtp_features.get("auth", "").upper().split()
+    if "XOAUTH2" not in offered:
+        raise StepFailed(
+            Kind.AUTH_FAILURE,
+            f"{endpoint} does not offer AUTH XOAUTH2 on this connection (offered: "
+            f"{' '.join(offered) or 'none'}); many servers offer AUTH only after "
+            "STARTTLS: check the security setting, or sign in with a password",
+            endpoint.field("security"),
+        )
+
+    def authenticate() -> tuple[int, bytes]:
+        code, text = smtp.docmd("AUTH", f"XOAUTH2 {xoauth2_b64(username, token)}")
+        if code == 334:
+            # The challenge is the error as JSON; an empty line ends it.
+            code, text = smtp.docmd("")
+        return code, text
+
+    code, text = _step(smtp, endpoint, dialer, "AUTH", authenticate)
+    if code == 235:
+        return True
+    raise StepFailed(
+        Kind.AUTH_FAILURE,
+        f"{endpoint} refused the OAuth token for {username!r} ({code} "
+        f"{_text(text)}); check that the username is the mailbox the token is "
+        "for and that the app has the SMTP permission",
+        endpoint.field("oauth2"),
     )
 
 

@@ -24,6 +24,8 @@ class Kind(StrEnum):
     FOLDER_MISSING = "folder_missing"
     GRAPH_TOKEN_ERROR = "graph_token_error"  # noqa: S105 - a kind, not a token
     GRAPH_PERMISSION_MISSING = "graph_permission_missing"
+    # Signing in for an IMAP or SMTP XOAUTH2 login failed.
+    TOKEN_ERROR = "token_error"  # noqa: S105 - a kind, not a token
     BAD_SETTING = "bad_setting"
     ADDRESS_NOT_ALLOWED = "address_not_allowed"
     PROTOCOL_ERROR = "protocol_error"

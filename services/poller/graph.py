@@ -4,8 +4,9 @@
 as a person who authorised the channel once (a refresh token, rotated on each
 use), and sends Graph requests: a refused token is renewed once, throttling
 (429, 503) is waited out within a bound, and every failure becomes a
-``ChannelError`` whose text says what to change. The sender and the admin's
-"save and authorise" use the same client.
+``ChannelError`` whose text says what to change. Tokens come from
+``shared.oauth``. The sender and the admin's "save and authorise" use the
+same client.
 
 ``GraphMailbox`` reads one mailbox with delta queries: each page of new mail
 comes with the link to store once the page is published, so a crash repeats a
@@ -14,16 +15,12 @@ page and loses none. Processed mail is marked read or moved to a folder.
 
 from __future__ import annotations
 
-import re
 import time
-from collections.abc import Callable, Container, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Container, Iterator, Mapping
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-import msal
 import requests
 
 from services.poller.fetched import Fetched
@@ -36,17 +33,17 @@ from shared.errors import (
 )
 from shared.logs import get_logger
 from shared.models import MailSource, Protocol
+from shared.oauth import (
+    GRAPH_SCOPES,
+    HttpSession,
+    SignInProblem,
+    TokenSource,
+    request_failure,
+)
 
 log = get_logger(__name__)
 
-GRAPH = "https://graph.microsoft.com/"
-APP_SCOPES = [f"{GRAPH}.default"]
-# The .Shared permissions cover the signed-in person's own mailbox and the
-# shared mailboxes they may open, which is what contact centres use.
-DELEGATED_SCOPES = [f"{GRAPH}Mail.ReadWrite.Shared", f"{GRAPH}Mail.Send.Shared"]
-
 THROTTLE_RETRIES = 4
-TOKEN_EARLY_SECONDS = 60.0
 DELTA_PAGE_SIZE = 50
 CHUNK_BYTES = 64 * 1024
 # Folders of mail the mailbox's owner wrote or threw away; their sub-folders
@@ -55,149 +52,6 @@ NOT_CUSTOMER_MAIL = ("sentitems", "drafts", "deleteditems", "outbox")
 WELL_KNOWN = frozenset(
     {"archive", "inbox", "junkemail", "deleteditems", "clutter", "conversationhistory"}
 )
-AADSTS = re.compile(r"AADSTS(\d+)")
-
-
-@dataclass(frozen=True)
-class SignInProblem:
-    """Why Azure AD refused a sign-in, and the setting to change."""
-
-    field: str
-    text: str
-
-
-def sign_in_problem(
-    account: GraphAccount, error: str, description: str, *, padded_secret: bool
-) -> SignInProblem:
-    """Plain words for an Azure AD error, from its AADSTS code."""
-    found = AADSTS.search(description)
-    code = found.group(1) if found else ""
-    tag = f"(AADSTS{code})" if code else f"({error})"
-    registration = "in the app registration in the Azure portal"
-
-    if code == "90002":
-        return SignInProblem(
-            "tenant_id",
-            f"Azure AD has no tenant {account.tenant_id!r} {tag}: copy the "
-            f"Directory (tenant) ID from the Overview page {registration}",
-        )
-    if code == "900023":
-        return SignInProblem(
-            "tenant_id",
-            f"{account.tenant_id!r} is not a tenant ID or domain {tag}: copy the "
-            f"Directory (tenant) ID from the Overview page {registration}",
-        )
-    if code == "700016":
-        return SignInProblem(
-            "client_id",
-            f"tenant {account.tenant_id!r} has no application with client ID "
-            f"{account.client_id!r} {tag}: copy the Application (client) ID from "
-            f"the Overview page {registration}, and check the app is registered "
-            "in this tenant",
-        )
-    if code == "7000215":
-        blank = (
-            " and without the white space at its start or end" if padded_secret else ""
-        )
-        return SignInProblem(
-            "client_secret",
-            f"the client secret is wrong {tag}: paste the secret's Value, not its "
-            f"Secret ID, from Certificates & secrets {registration}{blank}",
-        )
-    if code == "7000222":
-        return SignInProblem(
-            "client_secret",
-            f"the client secret has expired {tag}: add a new one under "
-            f"Certificates & secrets {registration} and save it here",
-        )
-    if code == "7000218":
-        return SignInProblem(
-            "client_secret", f"no client secret was sent {tag}: enter the secret"
-        )
-    if code == "50011":
-        return SignInProblem(
-            "redirect_uri",
-            f"the redirect URI {account.redirect_uri!r} is not registered for this "
-            f"app {tag}: add it exactly as written here under Authentication, "
-            f"platform Web, Redirect URIs {registration}, or correct it here",
-        )
-    if code in ("65001", "65004"):
-        return SignInProblem(
-            "consent",
-            f"the app has not been granted its permissions {tag}: under API "
-            f"permissions {registration} grant admin consent for Mail.ReadWrite "
-            "and Mail.Send, then authorise the channel again",
-        )
-    if code in ("70008", "700082", "700084", "50173", "54005", "70000", "50076"):
-        return SignInProblem(
-            "refresh_token",
-            f"the sign-in stored for this channel has expired or was revoked {tag}: "
-            "use Save and authorise to sign in again",
-        )
-    if code == "53003":
-        return SignInProblem(
-            "consent",
-            f"a Conditional Access policy blocked the sign-in {tag}: ask the "
-            "tenant's administrator to allow this app",
-        )
-
-    first_line = description.splitlines()[0] if description else error
-    return SignInProblem("", f"Azure AD refused the sign-in: {first_line}")
-
-
-class _Http:
-    """requests with the account's timeout and trusted CAs on every call.
-
-    msal sends its requests through it too. ``verify`` goes with each request
-    because requests prefers REQUESTS_CA_BUNDLE from the environment over a
-    session's own setting.
-    """
-
-    def __init__(self, timeout: float, verify: str | bool) -> None:
-        self.session = requests.Session()
-        self.timeout = timeout
-        self.verify = verify
-
-    def request(self, method: str, url: str, **kwargs: Any) -> requests.Response:
-        kwargs.setdefault("timeout", self.timeout)
-        kwargs.setdefault("verify", self.verify)
-        return self.session.request(method, url, **kwargs)
-
-    def get(self, url: str, **kwargs: Any) -> requests.Response:
-        return self.request("GET", url, **kwargs)
-
-    def post(self, url: str, **kwargs: Any) -> requests.Response:
-        return self.request("POST", url, **kwargs)
-
-    def close(self) -> None:
-        self.session.close()
-
-
-@contextmanager
-def _signing_in(account: GraphAccount) -> Iterator[None]:
-    """Turn what msal and requests raise while signing in into ChannelErrors."""
-    where = account.authority_host
-    try:
-        yield
-    except requests.RequestException as exc:
-        raise ChannelConnectError(
-            f"cannot reach Azure AD at {where}: {_reason(exc)}"
-        ) from exc
-    except msal.exceptions.MsalServiceError as exc:
-        raise ChannelConnectError(
-            f"Azure AD at {where} failed ({exc}); signing in is tried again later"
-        ) from exc
-    except ValueError as exc:
-        # msal reports a failed tenant discovery as a ValueError raised while
-        # handling another whose text holds Azure AD's answer.
-        said = f"{exc} {exc.__context__ or ''}"
-        if AADSTS.search(said):
-            problem = sign_in_problem(account, "", said, padded_secret=False)
-            raise ChannelAuthError(problem.text) from exc
-        raise ChannelAuthError(
-            f"{where} did not answer as Azure AD for tenant "
-            f"{account.tenant_id!r}: check the authority host and tenant ID"
-        ) from exc
 
 
 class GraphClient:
@@ -213,11 +67,8 @@ class GraphClient:
     ):
         self.account = account
         self.max_throttle_wait = max_throttle_wait
-        self._secrets = dict(secrets)
-        self._http = _Http(timeout, account.ca_file or True)
-        self._app: Any = None
-        self._token: str | None = None
-        self._token_until = 0.0
+        self._http = HttpSession(timeout, account.ca_file or True)
+        self.tokens = TokenSource(account, secrets, GRAPH_SCOPES, http=self._http)
         self._graph = urlsplit(account.graph_url)
 
     def __repr__(self) -> str:
@@ -229,7 +80,7 @@ class GraphClient:
     @property
     def updated_secrets(self) -> dict[str, str]:
         """The secrets to store: the refresh token rotates with each renewal."""
-        return dict(self._secrets)
+        return self.tokens.updated_secrets
 
     def close(self) -> None:
         self._http.close()
@@ -237,87 +88,16 @@ class GraphClient:
     # Signing in
 
     def application(self) -> Any:
-        """The msal application; creating it reads the tenant's metadata."""
-        if self._app is not None:
-            return self._app
-
-        secret = self._secrets.get("client_secret", "")
-        if not secret:
-            raise ChannelAuthError(
-                "no client secret is stored for this channel: enter the secret of "
-                "the app registration in the channel's settings"
-            )
-
-        authority = (
-            f"{self.account.authority_host.rstrip('/')}/{self.account.tenant_id}"
-        )
-        with _signing_in(self.account):
-            self._app = msal.ConfidentialClientApplication(
-                self.account.client_id,
-                client_credential=secret,
-                authority=authority,
-                validate_authority=False,
-                instance_discovery=False,
-                http_client=self._http,
-            )
-        return self._app
+        return self.tokens.application()
 
     def access_token(self) -> str:
-        if self._token is not None and time.monotonic() < self._token_until:
-            return self._token
-
-        if self.account.auth_flow == "client_credentials":
-            result = self._acquire(
-                lambda app: app.acquire_token_for_client(scopes=APP_SCOPES)
-            )
-        else:
-            refresh_token = self._secrets.get("refresh_token")
-            if not refresh_token:
-                raise ChannelAuthError(
-                    "this channel has not been authorised yet: use Save and "
-                    "authorise to sign in to the mailbox"
-                )
-            result = self._acquire(
-                lambda app: app.acquire_token_by_refresh_token(
-                    refresh_token, scopes=DELEGATED_SCOPES
-                )
-            )
-
-        self.keep(result)
-        log.debug("signed in to Azure AD", flow=self.account.auth_flow)
-        return str(result["access_token"])
+        return self.tokens.access_token()
 
     def keep(self, result: Mapping[str, Any]) -> None:
-        """Remember a token response, and the refresh token it rotated."""
-        lifetime = float(result.get("expires_in", 0))
-        self._token = str(result["access_token"])
-        self._token_until = time.monotonic() + lifetime - TOKEN_EARLY_SECONDS
-        if result.get("refresh_token"):
-            self._secrets["refresh_token"] = str(result["refresh_token"])
-
-    def _acquire(self, call: Callable[[Any], Mapping[str, Any]]) -> Mapping[str, Any]:
-        app = self.application()
-
-        with _signing_in(self.account):
-            result: Mapping[str, Any] = call(app)
-
-        if "access_token" not in result:
-            raise ChannelAuthError(self.problem(result).text)
-        return result
+        self.tokens.keep(result)
 
     def problem(self, result: Mapping[str, Any]) -> SignInProblem:
-        secret = self._secrets.get("client_secret", "")
-        return sign_in_problem(
-            self.account,
-            str(result.get("error", "")),
-            str(result.get("error_description", "")),
-            padded_secret=secret != secret.strip(),
-        )
-
-    def _forget_token(self) -> None:
-        self._token = None
-        if self._app is not None and self.account.auth_flow == "client_credentials":
-            self._app.remove_tokens_for_client()
+        return self.tokens.problem(result)
 
     # Requests
 
@@ -357,7 +137,7 @@ class GraphClient:
             except requests.RequestException as exc:
                 raise ChannelConnectError(
                     f"cannot reach Microsoft Graph at {self._graph.netloc}: "
-                    f"{_reason(exc)}"
+                    f"{request_failure(exc)}"
                 ) from exc
 
             status = response.status_code
@@ -367,7 +147,7 @@ class GraphClient:
             if status == 401 and not renewed:
                 renewed = True
                 response.close()
-                self._forget_token()
+                self.tokens.forget_token()
                 continue
 
             if status in (429, 503) and throttled < THROTTLE_RETRIES:
@@ -401,7 +181,8 @@ class GraphClient:
             response = self._http.request("PUT", url, data=chunk, headers=headers)
         except requests.RequestException as exc:
             raise ChannelConnectError(
-                f"cannot reach the upload URL Microsoft Graph gave: {_reason(exc)}"
+                "cannot reach the upload URL Microsoft Graph gave: "
+                f"{request_failure(exc)}"
             ) from exc
 
         if response.status_code not in (200, 201):
@@ -464,19 +245,6 @@ class GraphClient:
             quote(part, safe="=$") for part in parts
         ]
         return "users/" + "/".join(quoted)
-
-
-def _reason(exc: requests.RequestException) -> str:
-    if isinstance(exc, requests.exceptions.SSLError):
-        return (
-            "its TLS certificate is not trusted; if it comes from a private CA, "
-            "set the account's CA file"
-        )
-    if isinstance(exc, requests.exceptions.Timeout):
-        return "it did not answer in time"
-    if isinstance(exc, requests.exceptions.ConnectionError):
-        return "the connection failed; check the host name and the network"
-    return type(exc).__name__
 
 
 def _retry_after(response: requests.Response, attempt: int) -> float:
@@ -721,7 +489,8 @@ class GraphMailbox:
                         return Fetched(source, None, max(declared, len(data)))
             except requests.RequestException as exc:
                 raise ChannelConnectError(
-                    f"lost Microsoft Graph while downloading a message: {_reason(exc)}"
+                    "lost Microsoft Graph while downloading a message: "
+                    f"{request_failure(exc)}"
                 ) from exc
 
         return Fetched(source, bytes(data), len(data))

@@ -15,6 +15,7 @@ from services.poller.imap import ImapMailbox
 from shared.accounts import ImapAccount
 from shared.errors import ChannelError
 from shared.logs import get_logger
+from shared.oauth import Bearer
 
 log = get_logger(__name__)
 
@@ -27,14 +28,14 @@ class IdleWatcher:
         self,
         channel_id: int,
         account: ImapAccount,
-        password: str,
+        credential: str | Bearer,
         *,
         wake: Callable[[int], None],
         timeout: float,
     ):
         self.channel_id = channel_id
         self.account = account
-        self._password = password
+        self._credential = credential
         self._wake = wake
         self._timeout = timeout
         self._stop = threading.Event()
@@ -61,7 +62,7 @@ class IdleWatcher:
         while not self._stop.is_set():
             try:
                 with ImapMailbox(
-                    self.account, self._password, timeout=self._timeout
+                    self.account, self._credential, timeout=self._timeout
                 ) as mailbox:
                     if not mailbox.supports_idle():
                         log.info(

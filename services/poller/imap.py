@@ -29,6 +29,7 @@ from shared.checkpoints import Checkpoint
 from shared.errors import ChannelAuthError, ChannelConnectError, ChannelProtocolError
 from shared.logs import get_logger
 from shared.models import MailSource, Protocol
+from shared.oauth import Bearer
 
 log = get_logger(__name__)
 
@@ -51,10 +52,13 @@ BODY = b"BODY[]"
 class ImapMailbox:
     """One logged-in IMAP connection; use it as a context manager."""
 
-    def __init__(self, account: ImapAccount, password: str, *, timeout: float):
+    def __init__(
+        self, account: ImapAccount, credential: str | Bearer, *, timeout: float
+    ):
+        """``credential`` is the password, or the bearer of an XOAUTH2 login."""
         self.account = account
         self.timeout = timeout
-        self._password = password
+        self._credential = credential
         self._client: IMAPClient | None = None
         self._where = f"IMAP server {account.host}:{account.port}"
 
@@ -347,8 +351,11 @@ class ImapMailbox:
         return client
 
     def _log_in(self, client: IMAPClient) -> None:
+        if not isinstance(self._credential, str):
+            self._log_in_with_token(client, self._credential)
+            return
         try:
-            client.login(self.account.username, self._password)
+            client.login(self.account.username, self._credential)
         except LoginError as exc:
             raise ChannelAuthError(
                 f"{self._where} refused the login of {self.account.username!r} "
@@ -358,6 +365,29 @@ class ImapMailbox:
         except IMAPClient.AbortError as exc:
             raise self._lost("logging in", exc) from exc
         except OSError as exc:
+            raise self._lost("logging in", exc) from exc
+
+    def _log_in_with_token(self, client: IMAPClient, bearer: Bearer) -> None:
+        """AUTHENTICATE XOAUTH2; a refused token is renewed and tried once more."""
+        username = self.account.username
+        token = bearer.access_token()
+        try:
+            try:
+                client.oauth2_login(username, token)
+            except LoginError:
+                bearer.forget_token()
+                renewed = bearer.access_token()
+                if renewed == token:
+                    raise
+                client.oauth2_login(username, renewed)
+        except LoginError as exc:
+            raise ChannelAuthError(
+                f"{self._where} refused the OAuth token for {username!r} "
+                f"({_reply(exc)}); check that the user name is the mailbox the "
+                "token is for, that the app has the IMAP permission, and that "
+                "the mailbox allows IMAP"
+            ) from exc
+        except (IMAPClient.AbortError, OSError) as exc:
             raise self._lost("logging in", exc) from exc
 
     def _connected(self) -> IMAPClient:

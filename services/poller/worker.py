@@ -56,6 +56,7 @@ from shared.metrics import (
     forget_channel,
 )
 from shared.models import RawEmail
+from shared.oauth import IMAP_SCOPES, Bearer, Bearers
 from shared.secrets import SecretBox
 from shared.settings import Settings
 from shared.topology import RAW_KEY, Topology
@@ -78,6 +79,7 @@ class Poller(Reconnecting):
         self.ready = threading.Event()
         self.box = SecretBox(settings.secret_keys)
         self.watchers: dict[int, IdleWatcher] = {}
+        self.bearers = Bearers(timeout=settings.smtp_timeout_seconds)
         self._requested: set[int] = set()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -150,7 +152,7 @@ class Poller(Reconnecting):
                 watcher = IdleWatcher(
                     channel_id,
                     account,
-                    self.catalog.secrets(channel_id).get("inbound_password", ""),
+                    self._credential(channel, self.catalog.secrets(channel_id)),
                     wake=self.wake_up,
                     timeout=self.settings.smtp_timeout_seconds,
                 )
@@ -262,8 +264,15 @@ class Poller(Reconnecting):
         password = secrets.get("inbound_password", "")
         timeout = self.settings.smtp_timeout_seconds
         if isinstance(account, ImapAccount):
-            with ImapMailbox(account, password, timeout=timeout) as mailbox:
-                return self._poll_imap(channel, mailbox)
+            credential = self._credential(channel, secrets)
+            try:
+                with ImapMailbox(account, credential, timeout=timeout) as mailbox:
+                    return self._poll_imap(channel, mailbox)
+            finally:
+                if not isinstance(credential, str):
+                    self.catalog.keep_rotated_secrets(
+                        channel.id, secrets, credential.updated_secrets
+                    )
         if isinstance(account, Pop3Account):
             with Pop3Mailbox(account, password, timeout=timeout) as pop3:
                 return self._poll_pop3(channel, pop3)
@@ -272,7 +281,9 @@ class Poller(Reconnecting):
                 try:
                     return self._poll_graph(channel, graph)
                 finally:
-                    self._store_secrets(channel.id, secrets, graph.updated_secrets)
+                    self.catalog.keep_rotated_secrets(
+                        channel.id, secrets, graph.updated_secrets
+                    )
         raise MailroomError(
             f"channel {channel.name!r} has no inbound account this poller can use"
         )
@@ -354,15 +365,15 @@ class Poller(Reconnecting):
                 store.put(folder, link)
         return published
 
-    def _store_secrets(
-        self, channel_id: int, before: dict[str, str], after: dict[str, str]
-    ) -> None:
-        """Keep a rotated refresh token; the old one stops working once used."""
-        if after != before:
-            self.db.execute(
-                "UPDATE channels SET secrets = %s WHERE id = %s",
-                (self.box.seal(after), channel_id),
-            )
+    def _credential(self, channel: Channel, secrets: dict[str, str]) -> str | Bearer:
+        """The IMAP account's password, or the bearer of its XOAUTH2 login."""
+        account = channel.inbound
+        assert isinstance(account, ImapAccount)
+        if account.oauth2 is None:
+            return secrets.get("inbound_password", "")
+        return self.bearers.get(
+            channel.id, "inbound", account.oauth2, IMAP_SCOPES, secrets
+        )
 
     def _poll_pop3(self, channel: Channel, mailbox: Pop3Mailbox) -> int:
         skipped = self._skipped_keys(channel.id)

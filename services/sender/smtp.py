@@ -22,11 +22,14 @@ from types import TracebackType
 
 from shared.accounts import Security, SmtpAccount
 from shared.errors import (
+    ChannelConnectError,
+    ChannelError,
     DeliveryError,
     PermanentDeliveryError,
     TemporaryDeliveryError,
 )
 from shared.logs import get_logger
+from shared.oauth import Bearer, xoauth2_b64
 
 log = get_logger(__name__)
 
@@ -84,13 +87,13 @@ class SmtpConnection:
     def __init__(
         self,
         account: SmtpAccount,
-        password: str | None,
+        credential: str | Bearer | None,
         *,
         timeout: float,
         local_hostname: str | None = None,
     ) -> None:
         self._account = account
-        self._password = password
+        self._credential = credential
         self._timeout = timeout
         self._local_hostname = local_hostname
         self._smtp: smtplib.SMTP | None = None
@@ -298,8 +301,10 @@ class SmtpConnection:
         if security is Security.STARTTLS:
             self._starttls(smtp, context)
 
-        if self._password is not None:
-            self._login(smtp, self._password)
+        if isinstance(self._credential, str):
+            self._login(smtp, self._credential)
+        elif self._credential is not None:
+            self._login_with_token(smtp, self._credential)
 
         log.debug("smtp_connected", server=self._where, security=str(security))
         return smtp
@@ -367,6 +372,11 @@ class SmtpConnection:
                     "setting: many servers offer AUTH only after STARTTLS"
                 )
 
+        self._settle_login(
+            reply, f"refused the login of {username!r} ({reply}); {CREDENTIALS}"
+        )
+
+    def _settle_login(self, reply: Reply, refused: str) -> None:
         if reply.code == 235:
             return
 
@@ -376,11 +386,55 @@ class SmtpConnection:
                 f"{self._where} could not check the credentials now ({reply})",
                 reply.code,
             )
+        raise PermanentDeliveryError(f"{self._where} {refused}", reply.code)
 
-        raise PermanentDeliveryError(
-            f"{self._where} refused the login of {username!r} ({reply}); {CREDENTIALS}",
-            reply.code,
+    def _login_with_token(self, smtp: smtplib.SMTP, bearer: Bearer) -> None:
+        """AUTH XOAUTH2; a refused token is renewed and tried once more."""
+        offered = smtp.esmtp_features.get("auth", "").upper().split()
+        if "XOAUTH2" not in offered:
+            self._discard()
+            raise PermanentDeliveryError(
+                f"{self._where} does not offer AUTH XOAUTH2 on this connection "
+                f"(offered: {' '.join(offered) or 'none'}); sign in with a "
+                "password instead, or check the security setting: many servers "
+                "offer AUTH only after STARTTLS"
+            )
+
+        token = self._token(bearer)
+        reply = self._xoauth2(smtp, token)
+        if reply.code == 535:
+            bearer.forget_token()
+            renewed = self._token(bearer)
+            if renewed != token:
+                reply = self._xoauth2(smtp, renewed)
+
+        username = self._account.username
+        self._settle_login(
+            reply,
+            f"refused the OAuth token for {username!r} ({reply}); check that the "
+            "user name is the mailbox the token is for and that the app has the "
+            "SMTP permission",
         )
+
+    def _token(self, bearer: Bearer) -> str:
+        try:
+            return bearer.access_token()
+        except ChannelConnectError as exc:
+            self._discard()
+            raise TemporaryDeliveryError(f"cannot sign in to send: {exc}") from exc
+        except ChannelError as exc:
+            self._discard()
+            raise PermanentDeliveryError(f"cannot sign in to send: {exc}") from exc
+
+    def _xoauth2(self, smtp: smtplib.SMTP, token: str) -> Reply:
+        with self._translated("AUTH"):
+            initial = xoauth2_b64(self._account.username, token)
+            reply = Reply.of(*smtp.docmd("AUTH", f"XOAUTH2 {initial}"))
+            if reply.code == 334:
+                # The server's challenge holds the error as JSON; an empty
+                # line ends the exchange and brings the final reply.
+                reply = Reply.of(*smtp.docmd(""))
+        return reply
 
     def _mail_options(self, smtp: smtplib.SMTP, size: int) -> list[str]:
         return [f"SIZE={size}"] if smtp.has_extn("size") else []

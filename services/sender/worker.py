@@ -12,6 +12,8 @@ event was published: its redelivered message publishes the event again.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import amqp
 from pydantic import ValidationError
 
@@ -30,6 +32,7 @@ from shared.errors import (
 )
 from shared.metrics import CHANNEL_MESSAGES, Outcome, Stage
 from shared.models import Address, DeliveryState, DeliveryStatus, OutboundEmail
+from shared.oauth import SMTP_SCOPES, Bearer, Bearers
 from shared.secrets import SecretBox
 from shared.worker import ConsumerWorker, Handled
 
@@ -49,11 +52,12 @@ class Sender(ConsumerWorker):
     def open(self) -> None:
         super().open()
         self.catalog = Catalog(self.db, SecretBox(self.settings.secret_keys))
-        self.connections: dict[int, tuple[SmtpAccount, SmtpConnection]] = {}
+        self.connections: dict[int, _Open] = {}
+        self.bearers = Bearers(timeout=self.settings.smtp_timeout_seconds)
 
     def close(self) -> None:
-        for _account, connection in getattr(self, "connections", {}).values():
-            connection.close()
+        for opened in getattr(self, "connections", {}).values():
+            opened.connection.close()
 
     def handle_batch(self, messages: list[amqp.Message]) -> list[Handled]:
         results = []
@@ -129,27 +133,39 @@ class Sender(ConsumerWorker):
                 try:
                     return graph.send(data, to).summary()
                 finally:
-                    if graph.updated_secrets != secrets:
-                        self.db.execute(
-                            "UPDATE channels SET secrets = %s WHERE id = %s",
-                            (self.catalog.box.seal(graph.updated_secrets), channel.id),
-                        )
-        return self._connection(channel).send(channel.address, to, data).summary()
+                    self.catalog.keep_rotated_secrets(
+                        channel.id, secrets, graph.updated_secrets
+                    )
+        opened = self._connection(channel)
+        try:
+            return opened.connection.send(channel.address, to, data).summary()
+        finally:
+            if opened.bearer is not None:
+                rotated = opened.bearer.updated_secrets
+                self.catalog.keep_rotated_secrets(channel.id, opened.secrets, rotated)
+                opened.secrets = rotated
 
-    def _connection(self, channel: Channel) -> SmtpConnection:
+    def _connection(self, channel: Channel) -> _Open:
         account = channel.outbound
         assert isinstance(account, SmtpAccount)
         cached = self.connections.get(channel.id)
-        if cached is not None and cached[0] == account:
-            return cached[1]
+        if cached is not None and cached.account == account:
+            return cached
         if cached is not None:
-            cached[1].close()
-        password = self.catalog.secrets(channel.id).get("outbound_password")
+            cached.connection.close()
+        secrets = self.catalog.secrets(channel.id)
+        credential: str | Bearer | None = secrets.get("outbound_password")
+        if account.oauth2 is not None:
+            credential = self.bearers.get(
+                channel.id, "outbound", account.oauth2, SMTP_SCOPES, secrets
+            )
         connection = SmtpConnection(
-            account, password, timeout=self.settings.smtp_timeout_seconds
+            account, credential, timeout=self.settings.smtp_timeout_seconds
         )
-        self.connections[channel.id] = (account, connection)
-        return connection
+        bearer = None if isinstance(credential, str | None) else credential
+        opened = _Open(account, connection, secrets, bearer)
+        self.connections[channel.id] = opened
+        return opened
 
     def quarantine(
         self,
@@ -398,6 +414,16 @@ class Sender(ConsumerWorker):
                 "detail": detail[:300],
             },
         )
+
+
+@dataclass
+class _Open:
+    """A channel's SMTP connection, kept between messages."""
+
+    account: SmtpAccount
+    connection: SmtpConnection
+    secrets: dict[str, str]  # as stored when it opened, or as last kept
+    bearer: Bearer | None
 
 
 def _domain(address: str) -> str:

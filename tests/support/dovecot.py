@@ -64,7 +64,7 @@ ssl_cert = <{cert_file}
 ssl_key = <{key_file}
 {ssl_dh}
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = plain login{oauth2_mechanisms}
 
 # Tests try wrong passwords on purpose: answer without the usual wait, and
 # never slow down the later logins from 127.0.0.1.
@@ -75,7 +75,7 @@ service anvil {{
   }}
 }}
 
-passdb {{
+{oauth2_passdb}passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {root}/users/%u
 }}
@@ -127,6 +127,23 @@ service pop3-login {{
 }}
 {unprivileged}"""
 
+# Tokens are checked by asking the Azure AD fake (RFC 7662 introspection).
+OAUTH2_PASSDB = """passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {root}/dovecot-oauth2.conf.ext
+}}
+"""
+OAUTH2_CONFIG = """\
+introspection_mode = post
+introspection_url = {url}
+force_introspection = yes
+username_attribute = username
+active_attribute = active
+active_value = true
+tls_ca_cert_file = {ca_file}
+"""
+
 # Without root nothing can chroot, so the processes that would must not try.
 UNPRIVILEGED = """
 service anvil {
@@ -144,8 +161,11 @@ service pop3-login {
 class Dovecot:
     """One Dovecot instance with its own users, mail and ports."""
 
-    def __init__(self, pki: TestPki) -> None:
+    def __init__(self, pki: TestPki, *, introspection_url: str | None = None) -> None:
+        """With ``introspection_url`` the server also takes XOAUTH2 and
+        OAUTHBEARER logins, checking each token at that URL."""
         self.pki = pki
+        self.introspection_url = introspection_url
         self.host = HOST
         self.root = Path(tempfile.mkdtemp(prefix="mailroom-dovecot-"))
         self.config_file = self.root / "dovecot.conf"
@@ -300,8 +320,22 @@ class Dovecot:
             imaps_port=self.imaps_port,
             pop3_port=self.pop3_port,
             pop3s_port=self.pop3s_port,
+            oauth2_mechanisms=" xoauth2 oauthbearer" if self.introspection_url else "",
+            oauth2_passdb=(
+                OAUTH2_PASSDB.format(root=self.root) if self.introspection_url else ""
+            ),
         )
         self.config_file.write_text(config)
+        if self.introspection_url:
+            # The auth process is not root and cannot read the test's own files.
+            ca_file = self.root / "ca.pem"
+            shutil.copyfile(self.pki.ca_file, ca_file)
+            ca_file.chmod(0o644)
+            oauth2 = self.root / "dovecot-oauth2.conf.ext"
+            oauth2.write_text(
+                OAUTH2_CONFIG.format(url=self.introspection_url, ca_file=ca_file)
+            )
+            oauth2.chmod(0o644)
         self.users_dir.mkdir()
 
         # The unprivileged processes must reach their sockets, the users and

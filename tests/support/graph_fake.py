@@ -44,6 +44,12 @@ from tests.support.tls import TestPki
 HOST = "127.0.0.1"
 GRAPH_SCOPE = "https://graph.microsoft.com/.default"
 GRAPH_RESOURCE = "https://graph.microsoft.com/"
+# Exchange Online's IMAP, POP and SMTP: delegated scopes name the first,
+# app-only tokens ask for the second.
+OUTLOOK_RESOURCE = "https://outlook.office.com/"
+OUTLOOK_SCOPE = "https://outlook.office365.com/.default"
+RESOURCES = {GRAPH_RESOURCE: "graph", OUTLOOK_RESOURCE: "outlook"}
+SIGN_IN_SCOPES = frozenset({"openid", "profile", "offline_access", "email"})
 REQUEST_LIMIT = 4 * 1024 * 1024
 UPLOAD_CHUNK_LIMIT = 4 * 1024 * 1024
 ATTACHMENT_LIMIT = 150 * 1024 * 1024
@@ -93,6 +99,7 @@ class IssuedToken:
     permissions: frozenset[str]
     expires_at: float
     user: str | None
+    resource: str = "graph"  # who the token is for: "graph" or "outlook"
 
 
 @dataclass
@@ -565,7 +572,7 @@ class GraphFake:
         return self._delegated(app, grant, form.get("scope", "").split())
 
     def _client_credentials(self, app: RegisteredApp, scope: str) -> dict[str, Any]:
-        if scope != GRAPH_SCOPE:
+        if scope not in (GRAPH_SCOPE, OUTLOOK_SCOPE):
             raise AadError(
                 400,
                 "invalid_scope",
@@ -574,7 +581,8 @@ class GraphFake:
                 "credential flows must have a scope value with /.default suffixed "
                 "to the resource identifier (application ID URI).",
             )
-        access = self._issue(app, frozenset(app.permissions), None)
+        resource = "graph" if scope == GRAPH_SCOPE else "outlook"
+        access = self._issue(app, frozenset(app.permissions), None, resource)
         return {
             "token_type": "Bearer",
             "expires_in": self.token_lifetime,
@@ -633,14 +641,14 @@ class GraphFake:
                 "interactive authorization request for this user and resource.",
             )
 
-        graph_scopes = [s for s in requested if s.startswith(GRAPH_RESOURCE)]
-        names = {
-            s.removeprefix(GRAPH_RESOURCE).removesuffix(".Shared") for s in graph_scopes
-        }
-        access = self._issue(app, frozenset(names & app.permissions), grant.user)
+        resource, scopes = _one_resource(requested)
+        names = {s.removeprefix(resource).removesuffix(".Shared") for s in scopes}
+        access = self._issue(
+            app, frozenset(names & app.permissions), grant.user, RESOURCES[resource]
+        )
         result: dict[str, Any] = {
             "token_type": "Bearer",
-            "scope": " ".join(graph_scopes),
+            "scope": " ".join(scopes),
             "expires_in": self.token_lifetime,
             "ext_expires_in": self.token_lifetime,
             "access_token": access,
@@ -670,12 +678,57 @@ class GraphFake:
         return result
 
     def _issue(
-        self, app: RegisteredApp, permissions: frozenset[str], user: str | None
+        self,
+        app: RegisteredApp,
+        permissions: frozenset[str],
+        user: str | None,
+        resource: str = "graph",
     ) -> str:
         value = secrets.token_urlsafe(48)
         expires_at = time.time() + self.token_lifetime
-        self.tokens[value] = IssuedToken(app, permissions, expires_at, user)
+        self.tokens[value] = IssuedToken(app, permissions, expires_at, user, resource)
         return value
+
+    # Exchange Online's mail servers
+
+    def mail_token_valid(self, user: str, token: str, needs: str) -> bool:
+        """Whether Exchange would take ``token`` for ``user``'s mailbox.
+
+        A delegated token must carry permission ``needs`` (IMAP.AccessAsUser.All,
+        SMTP.Send) and be for ``user``; an app-only one, the app's permission
+        (IMAP.AccessAsApp, SMTP.SendAsApp).
+        """
+        with self.lock:
+            issued = self.tokens.get(token)
+            if issued is None or issued.resource != "outlook":
+                return False
+            if issued.expires_at <= time.time():
+                return False
+            if issued.user is None:
+                app_permission = needs.replace("AccessAsUser.All", "AccessAsApp")
+                return app_permission.replace(".Send", ".SendAsApp") in (
+                    issued.permissions
+                )
+            return needs in issued.permissions and issued.user == user.lower()
+
+    def introspect(self, token: str) -> dict[str, Any]:
+        """RFC 7662 token introspection, for Dovecot's oauth2 passdb.
+
+        Not an Azure AD endpoint: it stands in for Exchange's own check of
+        the tokens its IMAP servers take.
+        """
+        with self.lock:
+            issued = self.tokens.get(token)
+            active = (
+                issued is not None
+                and issued.resource == "outlook"
+                and issued.user is not None
+                and issued.expires_at > time.time()
+                and "IMAP.AccessAsUser.All" in issued.permissions
+            )
+        if not active or issued is None:
+            return {"active": False}
+        return {"active": True, "username": issued.user, "scope": "IMAP"}
 
     # Graph
 
@@ -697,6 +750,8 @@ class GraphFake:
                 "InvalidAuthenticationToken",
                 "Lifetime validation failed, the token is expired.",
             )
+        if token.resource != "graph":
+            raise _graph_error(401, "InvalidAuthenticationToken", "Invalid audience.")
         if not token.permissions & needs:
             raise _graph_error(
                 403,
@@ -912,12 +967,30 @@ def _recipients(mime: bytes) -> list[str]:
     return [address.lower() for _, address in getaddresses(values) if address]
 
 
+def _one_resource(requested: list[str]) -> tuple[str, list[str]]:
+    """The API a token request is for; Azure AD issues a token for one only."""
+    wanted = [s for s in requested if s not in SIGN_IN_SCOPES]
+    found = {r for r in RESOURCES for s in wanted if s.startswith(r)}
+    if len(found) > 1:
+        raise AadError(
+            400,
+            "invalid_scope",
+            28000,
+            "Provided value for the input parameter scope is not valid because it "
+            "contains more than one resource. Scope "
+            f"{' '.join(requested)} is not valid.",
+        )
+    resource = found.pop() if found else GRAPH_RESOURCE
+    return resource, [s for s in wanted if s.startswith(resource)]
+
+
 ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     (method, re.compile(pattern), name)
     for method, pattern, name in [
         ("GET", r"/(?P<tenant>[^/]+)/v2\.0/\.well-known/openid-configuration", "oidc"),
         ("GET", r"/(?P<tenant>[^/]+)/oauth2/v2\.0/authorize", "authorize"),
         ("POST", r"/(?P<tenant>[^/]+)/oauth2/v2\.0/token", "token"),
+        ("POST", r"/_exchange/introspect", "introspect"),
         ("PUT", r"/upload/(?P<session>[^/]+)", "upload"),
         ("GET", r"/v1\.0/users/(?P<user>[^/]+)/mailFolders", "folders"),
         (
@@ -1171,6 +1244,10 @@ class _Handler(BaseHTTPRequestHandler):
                 unquote(password.replace("+", " ")),
             )
         self._json(200, self.fake.token(tenant, form, basic))
+
+    def _introspect(self) -> None:
+        form = {k: v[-1] for k, v in parse_qs(self.body.decode()).items()}
+        self._json(200, self.fake.introspect(form.get("token", "")))
 
     # Graph routes
 

@@ -2,7 +2,8 @@
 
 ``SmtpServer`` runs aiosmtpd on an event loop in a thread of its own. It
 speaks plain SMTP, STARTTLS or implicit TLS with the test CA's certificate,
-asks for AUTH (PLAIN, LOGIN) when given a username and password, and keeps
+asks for AUTH (PLAIN, LOGIN) when given a username and password, or for AUTH
+XOAUTH2 when given a check for bearer tokens, and keeps
 every message it accepts. Failures are scripted: ``fail_next`` answers one
 stage of the next transactions with a chosen reply, ``drop_next_connection``
 hangs up without a reply and ``disconnect_all`` hangs up on idle clients, so a
@@ -12,7 +13,10 @@ test can meet the 421, 451, 550 and lost connections real servers give.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hmac
+import json
 import ssl
 import threading
 import time
@@ -29,6 +33,8 @@ from tests.support.tls import TestPki
 
 HOST = "127.0.0.1"
 MECHANISMS = ("PLAIN", "LOGIN")
+# A check of an XOAUTH2 login: (user, token) -> accepted.
+TokenCheck = Callable[[str, str], bool]
 
 Stage = Literal["mail", "rcpt", "data"]
 
@@ -129,6 +135,7 @@ class SmtpServer:
         password: str | None = None,
         mechanisms: Sequence[str] = MECHANISMS,
         size_limit: int | None = 64 * 1024 * 1024,
+        token_check: TokenCheck | None = None,
     ) -> None:
         self.mode = Mode(mode)
         if self.mode is not Mode.PLAIN and pki is None:
@@ -140,7 +147,12 @@ class SmtpServer:
         self.pki = pki
         self.username = username
         self._password = password
+        self._token_check = token_check
         self._excluded = [m for m in MECHANISMS if m not in mechanisms]
+        if token_check is None:
+            self._excluded.append("XOAUTH2")
+        elif username is None:
+            self._excluded += MECHANISMS
         self._size_limit = size_limit
         self.port = 0
 
@@ -318,6 +330,37 @@ class SmtpServer:
 
         return AuthResult(success=accepted, handled=False, auth_data=auth_data)
 
+    async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:
+        """SASL XOAUTH2 as Exchange Online and Gmail speak it.
+
+        A refused token gets the JSON error challenge, which the client
+        answers with an empty line before the final 535.
+        """
+        if len(args) > 1:
+            initial: bytes | None = args[1].encode()
+        else:
+            answer = await server.challenge_auth("")
+            if not isinstance(answer, bytes):
+                return AuthResult(success=False, handled=True)
+            initial = base64.b64encode(answer)
+        try:
+            fields = base64.b64decode(initial, validate=True).decode().split("\x01")
+        except (binascii.Error, UnicodeDecodeError):
+            return AuthResult(success=False, message="501 5.5.2 Cannot decode")
+
+        values = dict(f.partition("=")[::2] for f in fields if f)
+        user = values.get("user", "")
+        token = values.get("auth", "").removeprefix("Bearer ")
+        accepted = self._token_check is not None and self._token_check(user, token)
+        with self._lock:
+            self._auth.append(AuthAttempt("XOAUTH2", user, accepted))
+        if accepted:
+            return AuthResult(success=True, auth_data=LoginPassword(user.encode(), b""))
+
+        error = {"status": "401", "schemes": "bearer", "scope": "SMTP.Send"}
+        await server.challenge_auth(json.dumps(error))
+        return AuthResult(success=False, handled=False)
+
     def _scripted(self, stage: Stage, address: str | None) -> _Script | None:
         with self._lock:
             for script in self._scripts:
@@ -351,7 +394,8 @@ class SmtpServer:
         address: str,
         options: list[str],
     ) -> str:
-        if self.username is not None and not session.authenticated:
+        wants_auth = self.username is not None or self._token_check is not None
+        if wants_auth and not session.authenticated:
             return "530 5.7.0 Authentication required"
 
         script = self._scripted("mail", address)
