@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from selenium.webdriver.common.keys import Keys
@@ -15,7 +16,9 @@ from services.admin.api import create_app
 from services.admin.tokens import Role
 from shared.catalog import Catalog
 from shared.settings import Settings
-from tests.support.browser import Page, chromium, live_server, make_token
+from tests.support.browser import Page, chromium, live_server, make_token, spki_hash
+from tests.support.graph_fake import GraphFake
+from tests.support.tls import TestPki
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "console"
 # Campaigns are added through the catalog here, so the API never needs
@@ -24,12 +27,18 @@ UNREACHABLE_BROKER = "amqp://guest:guest@127.0.0.1:1//"
 
 
 @pytest.fixture(scope="module")
-def signed_in(database_url: str, secret_key: str) -> Iterator[tuple[Page, str]]:
-    """A browser signed in to a running console as an administrator."""
+def signed_in(
+    database_url: str, secret_key: str, pki: TestPki
+) -> Iterator[tuple[Page, str]]:
+    """A browser signed in to a running console as an administrator.
+
+    It trusts the test servers' certificate, for the fake of Azure AD.
+    """
     settings = Settings(
         database_url=database_url, secret_keys=secret_key, amqp_url=UNREACHABLE_BROKER
     )
-    with live_server(create_app(settings)) as base, chromium() as driver:
+    trusted = [spki_hash(pki.cert_file)]
+    with live_server(create_app(settings)) as base, chromium(trusted) as driver:
         page = Page(driver, ARTIFACTS)
         driver.get(f"{base}/")
         page.fill("#token", make_token(database_url, Role.ADMIN))
@@ -295,3 +304,51 @@ def test_a_read_only_token_sees_the_channels_but_no_control_to_change_them(
     )
     assert False is toggle_enabled
     assert who.endswith("(read-only)")
+
+
+def test_save_and_authorise_signs_in_at_microsoft_and_comes_back_authorised(
+    signed_in: tuple[Page, str], console: Page, catalog: Catalog, graph_fake: GraphFake
+) -> None:
+    _, base = signed_in
+    port = urlsplit(base).port
+    redirect = f"http://localhost:{port}/api/oauth/callback"
+    graph_fake.add_mailbox("queue@contoso.example")
+    graph_fake.signed_in_user = "queue@contoso.example"
+    app = graph_fake.register_app(
+        "7a1b2c3d-0e9f-4a8b-9c7d-6e5f4a3b2c1d",
+        "c0ffee00-1234-4abc-8def-0123456789ab",
+        "console~secret~value",
+        redirect_uris=(redirect,),
+    )
+    account = graph_fake.account(
+        app,
+        "queue@contoso.example",
+        auth_flow="client_credentials",
+        redirect_uri=redirect,
+    )
+    created = catalog.add_channel(
+        "exchange",
+        "queue@contoso.example",
+        inbound=account.model_dump(mode="json"),
+        secrets={"client_secret": "console~secret~value"},
+    )
+    console.driver.get(f"{base}/#/channels/{created.id}/edit")
+    console.wait_for("#f-in-flow")
+    hidden_for_app_only = not console.driver.find_element(
+        "id", "authorise"
+    ).is_displayed()
+
+    console.choose("#f-in-flow", "Delegated (authorization code)")
+    console.screenshot("09-save-and-authorise")
+    console.click("#authorise")
+    console.wait_until(
+        "the callback page",
+        lambda: "is authorised" in console.driver.find_element("tag name", "h1").text,
+    )
+    console.screenshot("10-authorised")
+
+    assert hidden_for_app_only
+    assert "refresh_token" in catalog.secrets(created.id)
+    stored = catalog.channel(created.id).inbound
+    assert "authorization_code" == stored.auth_flow  # type: ignore[union-attr]
+    assert graph_fake.url == stored.authority_host  # type: ignore[union-attr]

@@ -28,6 +28,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from services.admin import (
+    authorise_routes,
     campaign_routes,
     channel_routes,
     filter_routes,
@@ -107,6 +108,7 @@ def create_app(settings: Settings) -> FastAPI:
         session_routes,
         campaign_routes,
         channel_routes,
+        authorise_routes,
         filter_routes,
         quarantine_routes,
     ):

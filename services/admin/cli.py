@@ -19,10 +19,18 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import click
 
 from services.admin.commands import serve, token
+from services.admin.oauth import (
+    authorization_url,
+    channel_sign_in,
+    open_state,
+    seal_state,
+    store_sign_in,
+)
 from services.admin.validation import record_validation, validate_channel
 from shared import blobs, broker, db
 from shared import quarantine as quarantine_store
@@ -389,6 +397,48 @@ def channel_validate(name: str, as_json: bool, allow_private: bool) -> None:
         for line in report.lines():
             click.echo(line)
     sys.exit(0 if report.ok else 1)
+
+
+@channel.command("authorise")
+@click.argument("name")
+@click.option(
+    "--returned-url",
+    help="The address Microsoft sent the browser back to; asked for when omitted.",
+)
+def channel_authorise(name: str, returned_url: str | None) -> None:
+    """Sign channel NAME in to Microsoft as a person (Save and authorise).
+
+    Prints the sign-in address to open in a browser. Where the admin API
+    serves the channel's redirect URI, the sign-in finishes there; otherwise
+    paste the address the browser ends up on, with its code, when asked.
+    """
+    with _catalog() as catalog:
+        item = catalog.channel(_ref(name))
+        sign_in = channel_sign_in(item)
+        state = seal_state(catalog, item.id, "cli")
+        url = authorization_url(
+            sign_in.app, catalog.secrets(item.id), state, sign_in.scopes.delegated
+        )
+        if returned_url is None:
+            click.echo(f"Open this address in a browser and sign in:\n\n{url}\n")
+            returned_url = click.prompt(
+                "Address the browser was sent back to", prompt_suffix=": "
+            )
+        query = parse_qs(urlsplit(returned_url.strip()).query)
+        answer = {key: values[0] for key, values in query.items()}
+        if open_state(catalog, answer.get("state", "")) is None:
+            raise click.ClickException(
+                "that address does not belong to this sign-in, or it is older "
+                "than 15 minutes; run the command again"
+            )
+        store_sign_in(
+            catalog,
+            item.id,
+            answer.get("code", ""),
+            answer.get("error", ""),
+            answer.get("error_description", ""),
+        )
+    click.echo(f"channel {item.name} is authorised")
 
 
 def _ref(value: str) -> int | str:

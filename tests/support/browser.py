@@ -9,19 +9,23 @@ and a fresh profile, so it reaches nothing but the server under test.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import shutil
 import socket
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import uvicorn
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from fastapi import FastAPI
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service as ChromeService
@@ -125,8 +129,12 @@ def admin_api(settings: Settings) -> Iterator[AdminApi]:
 
 
 @contextmanager
-def chromium() -> Iterator[WebDriver]:
-    """A headless Chromium with a profile of its own, removed afterwards."""
+def chromium(trusted_keys: Sequence[str] = ()) -> Iterator[WebDriver]:
+    """A headless Chromium with a profile of its own, removed afterwards.
+
+    ``trusted_keys`` are SPKI hashes (``spki_hash``) of test servers'
+    certificates that Chromium accepts although no public CA issued them.
+    """
     for path in (CHROMIUM, CHROMEDRIVER):
         if not Path(path).is_file():
             raise RuntimeError(f"{path} is missing; {INSTALL_HINT}")
@@ -134,7 +142,10 @@ def chromium() -> Iterator[WebDriver]:
     profile = tempfile.mkdtemp(prefix="mailroom-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
+    flags = [*CHROMIUM_FLAGS, f"--user-data-dir={profile}"]
+    if trusted_keys:
+        flags.append(f"--ignore-certificate-errors-spki-list={','.join(trusted_keys)}")
+    for flag in flags:
         options.add_argument(flag)
     # A driver path given here keeps Selenium from fetching one of its own.
     driver = webdriver.Chrome(
@@ -145,6 +156,16 @@ def chromium() -> Iterator[WebDriver]:
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def spki_hash(cert_file: Path) -> str:
+    """Base64 of the SHA-256 of a PEM certificate's public key, as Chromium
+    wants it for --ignore-certificate-errors-spki-list."""
+    certificate = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    key = certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return base64.b64encode(hashlib.sha256(key).digest()).decode()
 
 
 class Page:

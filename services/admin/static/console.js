@@ -417,6 +417,32 @@ async function showChannelForm(channelId) {
     $("#save", form).hidden = true;
   }
 
+  // Delegated Exchange sign-in: save, then go to Microsoft, which sends the
+  // browser back to the API's /api/oauth/callback (the redirect URI).
+  const authorise = $("#authorise", form);
+  const showAuthorise = () => {
+    const delegated =
+      form.elements["inbound.type"].value === "graph" &&
+      form.elements["inbound.auth_flow"].value === "authorization_code";
+    authorise.hidden = !(state.role === "admin" && delegated);
+  };
+  for (const name of ["inbound.type", "inbound.auth_flow"]) {
+    form.elements[name].addEventListener("change", showAuthorise);
+  }
+  showAuthorise();
+  authorise.addEventListener("click", async () => {
+    try {
+      const body = channelBody(form);
+      channel = channel
+        ? await api("PATCH", `/api/channels/${channel.id}`, body)
+        : await api("POST", "/api/channels", body);
+      const started = await api("POST", `/api/channels/${channel.id}/authorise`);
+      location.assign(started.authorization_url);
+    } catch (error) {
+      showErrors(form, error);
+    }
+  });
+
   $("#validate", form).addEventListener("click", async () => {
     try {
       const checked = await api("POST", `/api/channels/${channelId}/validate`);
