@@ -33,9 +33,9 @@ from services.admin.validation_network import (
     found,
 )
 from services.admin.validation_verdicts import Kind, StepFailed, Verdict
-from services.poller.graph import GraphClient
 from shared.accounts import GraphAccount, MicrosoftApp, MicrosoftLogin, TokenLogin
 from shared.errors import ChannelAuthError, ChannelError
+from shared.graph import GraphClient
 from shared.oauth import (
     HttpSession,
     Scopes,

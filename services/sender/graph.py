@@ -24,7 +24,6 @@ from email.message import EmailMessage, Message, MIMEPart
 from email.utils import getaddresses
 from types import TracebackType
 
-from services.poller.graph import GraphClient
 from shared.accounts import GraphAccount
 from shared.errors import (
     ChannelAuthError,
@@ -33,6 +32,7 @@ from shared.errors import (
     PermanentDeliveryError,
     TemporaryDeliveryError,
 )
+from shared.graph import GraphClient
 from shared.logs import get_logger
 
 log = get_logger(__name__)
