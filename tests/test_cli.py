@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -11,7 +15,9 @@ from services.admin.cli import main
 from shared.settings import Settings, get_settings
 from shared.topology import Topology
 from tests.conftest import AMQP_URL
+from tests.support.processes import Service, service_env
 from tests.support.queues import count
+from tests.support.smtp import SmtpServer
 
 
 @pytest.fixture
@@ -137,3 +143,60 @@ def test_bad_channel_settings_are_refused_with_a_message_naming_the_field(
 
     assert 0 != result.exit_code
     assert message in result.output
+
+
+def test_send_refuses_a_channel_that_cannot_send_and_an_address_that_is_none(
+    cli: CliRunner,
+) -> None:
+    add_channel(cli)
+
+    no_outbound = run(cli, "send", "--channel", "support", "--to", "a@example.org")
+    bad_address = run(cli, "send", "--channel", "support", "--to", "not an address")
+
+    assert 1 == no_outbound.exit_code
+    assert "has no outbound account" in no_outbound.output
+    assert 2 == bad_address.exit_code
+    assert "--to" in bad_address.output
+
+
+def test_delivery_shows_how_a_reply_sent_by_the_sender_went(
+    cli: CliRunner,
+    settings: Settings,
+    smtp_server_factory: Callable[..., SmtpServer],
+    tmp_path: Path,
+) -> None:
+    smtp_server = smtp_server_factory("plain")
+    add_channel(
+        cli,
+        "--outbound", "smtp", "--out-host", "127.0.0.1",
+        "--out-port", str(smtp_server.port), "--out-security", "none",
+        "--out-username", "support",
+    )  # fmt: skip
+    sender = Service("sender", service_env(settings), tmp_path)
+    try:
+        queued = run(
+            cli, "send", "--channel", "support", "--to", "zoe@example.org",
+            "--subject", "Your order", "--text", "On its way.", "--key", "order-7",
+        )  # fmt: skip
+        smtp_server.wait_for(1, timeout=30)
+        shown = wait_for_state(cli, "order-7", "sent")
+    finally:
+        sender.stop()
+    unknown = run(cli, "delivery", "never-sent")
+
+    assert 0 == queued.exit_code, queued.output
+    assert "mailroom delivery order-7" in queued.output
+    assert "sent" == shown["state"]
+    assert "250" in shown["detail"], shown
+    assert "never-sent" in unknown.output
+    assert "not seen by a sender yet" in unknown.output
+
+
+def wait_for_state(cli: CliRunner, key: str, state: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        rows = json.loads(run(cli, "delivery", key, "--json").stdout)
+        if rows and rows[0]["state"] == state:
+            return dict(rows[0])
+        time.sleep(0.2)
+    raise AssertionError(f"delivery {key} did not reach {state}")

@@ -17,11 +17,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from email import errors, headerregistry
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import click
+from psycopg import sql
 
 from services.admin.commands import serve, token
 from services.admin.oauth import (
@@ -568,8 +570,12 @@ def quarantine_replay(entry_id: int) -> None:
 
 
 def _publish(settings: Settings, batch: list[Outgoing]) -> None:
+    """Publish with confirms, declaring the topology first: the CLI may run
+    before any service has, and a publish to a missing exchange fails."""
+    topology = Topology(prefix=settings.broker_prefix, queue_type=settings.queue_type)
     connection = broker.connect(settings.amqp_url.get_secret_value(), attempts=3)
     try:
+        broker.declare(connection, topology.declare)
         Publisher(connection).publish_all(batch)
     finally:
         connection.release()
@@ -593,10 +599,20 @@ def send(
     attach: tuple[str, ...],
     key: str | None,
 ) -> None:
-    """Publish an OutboundEmail, as a campaign system would."""
+    """Publish an OutboundEmail, as a campaign system would.
+
+    Refuses at once what the sender would fail anyway: a channel without an
+    outbound account, or an address that is not one.
+    """
     settings = _settings()
+    recipients = [_recipient(value) for value in to]
     with _catalog() as catalog:
         item = catalog.channel(_ref(channel_name))
+        if item.outbound is None:
+            raise click.ClickException(
+                f"channel {item.name} has no outbound account, so nothing can be "
+                "sent from it; add an SMTP or Exchange Online account first"
+            )
         attachments = [
             OutboundAttachment(
                 filename=Path(p).name,
@@ -611,7 +627,7 @@ def send(
     out = OutboundEmail(
         idempotency_key=key or str(uuid.uuid4()),
         channel_id=item.id,
-        to=[Address(email=a) for a in to],
+        to=recipients,
         subject=subject,
         text_body=text,
         attachments=attachments,
@@ -629,6 +645,64 @@ def send(
         ],
     )
     click.echo(f"queued for sending, idempotency key {out.idempotency_key}")
+    click.echo(f"see how it went: mailroom delivery {out.idempotency_key}")
+
+
+def _recipient(value: str) -> Address:
+    """An address to send to, or a usage error naming the one that is not."""
+    try:
+        parsed = headerregistry.Address(addr_spec=value.strip())
+        valid = bool(parsed.username and parsed.domain)
+    except (ValueError, IndexError, errors.HeaderParseError):
+        valid = False
+    if not valid:
+        raise click.BadParameter(
+            f"{value!r} is not an email address (name@domain)", param_hint="--to"
+        )
+    return Address(email=value.strip())
+
+
+@main.command("delivery")
+@click.argument("keys", nargs=-1)
+@click.option("--channel", "channel_name", help="The latest deliveries of a channel.")
+@click.option("--limit", default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def delivery(
+    keys: tuple[str, ...], channel_name: str | None, limit: int, as_json: bool
+) -> None:
+    """Where the OutboundEmails with these idempotency KEYS stand.
+
+    The same outcome campaign systems get as DeliveryStatus events: sending,
+    sent, retrying or failed, with the server's reply. Without KEYS, the
+    latest deliveries (of --channel, or of every channel).
+    """
+    with _catalog() as catalog:
+        conditions: list[sql.Composable] = [sql.SQL("TRUE")]
+        params: list[Any] = []
+        if keys:
+            conditions.append(sql.SQL("idempotency_key = ANY(%s)"))
+            params.append(list(keys))
+        if channel_name:
+            conditions.append(sql.SQL("channel_id = %s"))
+            params.append(catalog.channel(_ref(channel_name)).id)
+        query = sql.SQL(
+            "SELECT idempotency_key AS key, channel_id, state, attempts, smtp_code, "
+            "detail, updated_at FROM outbound_deliveries WHERE {} "
+            "ORDER BY updated_at DESC LIMIT %s"
+        ).format(sql.SQL(" AND ").join(conditions))
+        rows = catalog.conn.execute(query, [*params, limit]).fetchall()
+    found = {row["key"] for row in rows}
+    missing = [key for key in keys if key not in found]
+    _emit(
+        [dict(row) for row in rows],
+        ("key", "channel_id", "state", "attempts", "smtp_code", "detail"),
+        as_json,
+    )
+    if missing:
+        click.echo(
+            f"not seen by a sender yet (queued, or never sent): {', '.join(missing)}",
+            err=True,
+        )
 
 
 # Services
