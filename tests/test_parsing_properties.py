@@ -20,6 +20,7 @@ from services.router.parsing import (
 )
 from shared.errors import MessageRejected
 from shared.models import Flag
+from tests.support import tnef
 
 LIMIT = 64
 
@@ -230,3 +231,63 @@ def test_deep_nesting_stops_at_the_cap(depth: int, newline: str) -> None:
 
     check(parsed)
     assert ("deepest" in parsed.text_body) == (depth <= 20)
+
+
+TNEF_ATTRIBUTES = [
+    tnef.ATT_TNEF_VERSION,
+    tnef.ATT_OEM_CODEPAGE,
+    tnef.ATT_MESSAGE_CLASS,
+    tnef.ATT_BODY,
+    tnef.ATT_MAPI_PROPS,
+    tnef.ATT_ATTACH_REND_DATA,
+    tnef.ATT_ATTACH_TITLE,
+    tnef.ATT_ATTACH_DATA,
+    tnef.ATT_ATTACHMENT,
+    0x0004_9004,  # attRecipTable
+    0x0000_8000,  # attFrom
+    0x0003_8013,  # attAttachModifyDate
+]
+
+
+@st.composite
+def mapi_value(draw: st.DrawFn) -> bytes:
+    """A MAPI property block: sound, or with counts and types drawn at random."""
+    if draw(st.booleans()):
+        kind = draw(st.sampled_from([tnef.PT_BINARY, tnef.PT_UNICODE]))
+        pid = draw(st.sampled_from([tnef.PID_BODY_HTML, 0x3701, 0x3707, 0x8001]))
+        return tnef.mapi_block((kind, pid, draw(junk)))
+    count = draw(st.integers(0, 2**32 - 1) | st.integers(0, 4))
+    return count.to_bytes(4, "little") + draw(junk)
+
+
+@st.composite
+def tnef_stream(draw: st.DrawFn) -> bytes:
+    """Records with sound framing and checksums, and values drawn at random."""
+    out = bytearray(tnef.SIGNATURE.to_bytes(4, "little") + b"\x00\x00")
+    for _ in range(draw(st.integers(0, 12))):
+        level = draw(st.sampled_from([1, 1, 2, 2, 2, 0]))
+        attribute = draw(st.sampled_from(TNEF_ATTRIBUTES))
+        if attribute in (tnef.ATT_MAPI_PROPS, tnef.ATT_ATTACHMENT, 0x0004_9004):
+            data = draw(mapi_value())
+        else:
+            data = draw(junk)
+        out += tnef.record(level, attribute, data)
+    if draw(st.booleans()):
+        cut = draw(st.integers(0, len(out)))
+        out = out[:cut] + draw(junk)
+    return bytes(out)
+
+
+@properties
+@given(junk | tnef_stream(), st.sampled_from(["application/ms-tnef", "image/png"]))
+def test_random_bytes_in_a_tnef_part_are_unpacked_or_kept(
+    data: bytes, content_type: str
+) -> None:
+    raw = tnef.winmail_mail(data, text="Hello.", content_type=content_type)
+
+    parsed = parse_email(raw, attachment_limit=LIMIT)
+
+    check(parsed)
+    unreadable = [d for d in parsed.defects if d.startswith("TNEF part")]
+    kept = [a for a in parsed.attachments if a.filename == "winmail.dat"]
+    assert len(unreadable) == len(kept)

@@ -10,12 +10,13 @@ read as sensibly as it can be.
 
 from __future__ import annotations
 
+import hashlib
 import re
-import unicodedata
 from collections.abc import Mapping
 from functools import lru_cache
 from types import MappingProxyType
 
+from services.router import tnef
 from services.router.decoding import (
     Defects,
     Param,
@@ -26,6 +27,7 @@ from services.router.decoding import (
     transfer_decode,
     transfer_digest,
 )
+from services.router.filenames import attachment_name
 from shared.models import AttachmentInfo
 
 MAX_DEPTH = 20
@@ -48,25 +50,6 @@ _HEADER_NAME = re.compile(rb"([!-9;-~]+)[ \t]*:")
 _LEADING_BLANK = re.compile(rb"\r*(?:\n|\Z)")
 _BLANK_LINE = re.compile(rb"\n\r*(?:\n|\Z)")
 _MIME_TYPE = re.compile(r"[a-z0-9!#$&.+^_`{}~-]+/[a-z0-9!#$&.+^_`{}~-]+")
-_CONTROLS = re.compile(r"[\x00-\x1f\x7f]+")
-_UNSAFE_IN_FILENAME = re.compile(r'[<>:"|?*]')
-_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
-
-_EXTENSIONS = {
-    "text/plain": ".txt",
-    "text/html": ".html",
-    "text/calendar": ".ics",
-    "text/rfc822-headers": ".txt",
-    "message/rfc822": ".eml",
-    "message/delivery-status": ".txt",
-    "message/disposition-notification": ".txt",
-    "image/png": ".png",
-    "image/jpeg": ".jpg",
-    "image/gif": ".gif",
-    "application/pdf": ".pdf",
-    "application/pkcs7-signature": ".p7s",
-    "application/pgp-signature": ".asc",
-}
 
 
 def header_fields(
@@ -162,16 +145,16 @@ class Walker:
         self.body_charset = ""
         self.parts = 0
         self.stopped = False
+        # Bodies found inside a TNEF part, for a message without one of its own.
+        self.tnef_text: str | None = None
+        self.tnef_html: str | None = None
 
     def entity(
         self, fields: HeaderFields, body: Span, depth: int, default_type: str
     ) -> None:
-        if self.parts >= MAX_PARTS:
-            self.defects.add(f"more than {MAX_PARTS} MIME parts; the rest is unread")
-            self.stopped = True
+        if not self._count_part():
             return
 
-        self.parts += 1
         ctype, params = _content_type(fields, default_type, self.defects)
         if not self.top_type:
             self.top_type = ctype
@@ -228,6 +211,8 @@ class Walker:
         name = disposition_params.get("filename") or params.get("name")
         filename = param_text(name, self.defects) if name else ""
         encoding = _transfer_encoding(fields)
+        if tnef.is_tnef(ctype, filename) and self._unpacked(body, encoding, filename):
+            return
 
         is_text = ctype == "text/plain" or ctype == "text/html"
         if is_text and disposition != "attachment" and not filename:
@@ -245,17 +230,52 @@ class Walker:
                 return
 
         size, sha256 = transfer_digest(*body, encoding, self.defects)
-        fallback = f"attachment-{len(self.attachments) + 1}"
+        self._list(filename, ctype, size, sha256)
+
+    def _count_part(self) -> bool:
+        """Count one more part; False, and the walk stops, past MAX_PARTS."""
+        if self.parts >= MAX_PARTS:
+            self.defects.add(f"more than {MAX_PARTS} MIME parts; the rest is unread")
+            self.stopped = True
+            return False
+
+        self.parts += 1
+        return True
+
+    def _list(self, filename: str, ctype: str, size: int, sha256: str) -> None:
+        number = len(self.attachments) + 1
         self.attachments.append(
             AttachmentInfo(
-                filename=safe_filename(filename)
-                or fallback + _EXTENSIONS.get(ctype, ".bin"),
+                filename=attachment_name(filename, ctype, number),
                 content_type=ctype,
                 size=size,
                 sha256=sha256,
                 withheld=size > self.attachment_limit,
             )
         )
+
+    def _unpacked(self, body: Span, encoding: str, filename: str) -> bool:
+        """List a TNEF part's files in its place; False when it cannot be read."""
+        data, start, end = body
+        contents = tnef.unpack(
+            transfer_decode(data[start:end], encoding, self.defects), self.defects
+        )
+        if isinstance(contents, tnef.Unreadable):
+            self.defects.add(
+                f"TNEF part {excerpt(filename or tnef.TNEF_NAME)} could not be "
+                f"unpacked ({contents.reason}); kept as it is"
+            )
+            return False
+
+        for item in contents.files:
+            if not self._count_part():
+                return True
+            digest = hashlib.sha256(item.data).hexdigest()
+            self._list(item.name, item.content_type, len(item.data), digest)
+
+        self.tnef_text = self.tnef_text or contents.text_body
+        self.tnef_html = self.tnef_html or contents.html_body
+        return True
 
     def _text(self, body: bytes, encoding: str, params: Params) -> str:
         data = transfer_decode(body, encoding, self.defects)
@@ -395,24 +415,3 @@ def _transfer_encoding(fields: HeaderFields) -> str:
     if not values:
         return ""
     return values[0].decode("latin-1").split(";", 1)[0].strip().strip("\"'").lower()
-
-
-def safe_filename(name: str) -> str:
-    """A file name without directories or control characters; '' when unusable.
-
-    Path separators, control and format characters (bidi overrides that hide
-    an extension among them) and characters Windows refuses are removed.
-    """
-    name = name.replace("\\", "/").rsplit("/", 1)[-1]
-    if not name.isascii():
-        name = "".join(
-            ch for ch in name if unicodedata.category(ch) not in _UNSAFE_CATEGORIES
-        )
-
-    name = _UNSAFE_IN_FILENAME.sub("_", _CONTROLS.sub("", name)).strip().rstrip(".")
-    if len(name) > 200:
-        stem, dot, extension = name.rpartition(".")
-        keep = dot and len(extension) < 10
-        name = stem[:190] + dot + extension if keep else name[:200]
-
-    return "" if name in ("", ".", "..") else name

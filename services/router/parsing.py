@@ -27,13 +27,13 @@ from services.router.decoding import (
     single_line,
     unquote,
 )
+from services.router.filenames import safe_filename
 from services.router.mime import (
     MAX_DEPTH,
     MAX_PARTS,
     HeaderFields,
     Walker,
     header_fields,
-    safe_filename,
 )
 from shared.errors import MessageRejected
 from shared.models import Address, AttachmentInfo, Flag, Headers
@@ -126,6 +126,9 @@ def parse_email(raw: bytes, *, attachment_limit: int) -> ParsedEmail:
 
     text_body = walker.text_body or ""
     html_body = walker.html_body or ""
+    if not text_body and not html_body:
+        text_body = walker.tnef_text or ""
+        html_body = walker.tnef_html or ""
     return ParsedEmail(
         headers=headers,
         text_body=text_body,
