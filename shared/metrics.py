@@ -74,6 +74,11 @@ CONSECUTIVE_FAILURES = Gauge(
     "Polls of a channel that failed in a row.",
     ["channel_id"],
 )
+LOOP_SUSPECTED = Counter(
+    "mailroom_loop_suspected_messages_total",
+    "Messages routed with the loop_suspected flag, per channel.",
+    ["channel_id"],
+)
 QUARANTINED = Counter(
     "mailroom_quarantined_total",
     "Messages put in quarantine, by stage.",

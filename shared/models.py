@@ -135,6 +135,9 @@ class Flag(StrEnum):
     PARSE_DEFECTS = "parse_defects"
     GENERATED_MESSAGE_ID = "generated_message_id"
     BODY_TRUNCATED = "body_truncated"
+    # More mail from this sender to this channel than MAILROOM_LOOP_SENDER_LIMIT
+    # in one window: likely a mail loop, so do not answer it automatically.
+    LOOP_SUSPECTED = "loop_suspected"
 
 
 class MatchField(StrEnum):

@@ -113,6 +113,23 @@ class Settings(BaseSettings):
             "on a private network; cloud metadata addresses stay refused."
         ),
     )
+    loop_sender_limit: int = Field(
+        20,
+        ge=1,
+        description=(
+            "Messages from one sender address to one channel within a loop "
+            "window above which each further one is flagged loop_suspected "
+            "(two auto-responders answering each other); it is still routed."
+        ),
+    )
+    loop_window_seconds: int = Field(
+        600,
+        ge=1,
+        description=(
+            "Length of the fixed time windows, in seconds, in which messages per "
+            "sender are counted for MAILROOM_LOOP_SENDER_LIMIT."
+        ),
+    )
     log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
 
     @model_validator(mode="after")

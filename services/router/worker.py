@@ -4,28 +4,49 @@ Each message is parsed, matched against its channel's filters (first match
 with the stop flag wins, otherwise the default campaign), checked against the
 attachment limit and published. A message already routed for the same
 channel (same SHA-256 of its raw bytes: a redelivery, a UIDVALIDITY reset, the
-same mail in two folders) is acknowledged without being routed again.
+same mail in two folders) is acknowledged without being routed again. The
+others are counted per sender (services.router.rates), once per batch, and
+flagged loop_suspected past MAILROOM_LOOP_SENDER_LIMIT in a window.
 """
 
 from __future__ import annotations
 
 import base64
+from dataclasses import dataclass
 
 import amqp
 from pydantic import ValidationError
 
 from services.router.filters import choose
 from services.router.parsing import ParsedEmail, parse_email
+from services.router.rates import Arrival, SenderRates, sender_address
 from services.router.table import RoutingTable
 from shared import blobs
 from shared.broker import Outgoing
-from shared.catalog import Catalog
+from shared.catalog import Catalog, Channel
 from shared.errors import MessageRejected
-from shared.metrics import Outcome, Stage
-from shared.models import Flag, RawEmail, RoutedEmail
+from shared.metrics import LOOP_SUSPECTED, Outcome, Stage
+from shared.models import Flag, RawEmail, RouteDecision, RoutedEmail
 from shared.worker import ConsumerWorker, Handled
 
 BODY_LIMIT_CHARS = 1_000_000
+
+
+@dataclass(frozen=True)
+class _Chosen:
+    """A message parsed and given its campaign, waiting for its sender count."""
+
+    raw: RawEmail
+    channel: Channel
+    parsed: ParsedEmail
+    campaign_id: int
+    campaign_key: str
+    routing_key: str
+    decision: RouteDecision
+
+    def arrival(self) -> Arrival:
+        sender = sender_address(self.parsed.headers.from_)
+        return Arrival(self.channel.id, sender, self.raw.fetched_at)
 
 
 class Router(ConsumerWorker):
@@ -38,6 +59,7 @@ class Router(ConsumerWorker):
     def open(self) -> None:
         super().open()
         self.table = RoutingTable(Catalog(self.db))
+        self.rates = SenderRates(self.settings.loop_window_seconds)
         self.declaring = self.connection.channel()
         self.topology.forget_campaigns()
         self._routed_rows: list[tuple[int, str, str, int, str]] = []
@@ -51,16 +73,23 @@ class Router(ConsumerWorker):
         decoded: list[RawEmail | Handled] = [self._decode(m) for m in messages]
         seen = self._already_routed([d for d in decoded if isinstance(d, RawEmail)])
 
-        results: list[Handled] = []
+        chosen: list[Handled | _Chosen] = []
         for message, item in zip(messages, decoded, strict=True):
             if isinstance(item, Handled):
-                results.append(item)
+                chosen.append(item)
             elif (item.channel_id, item.raw.sha256) in seen:
-                results.append(self._duplicate(item))
+                chosen.append(self._duplicate(item))
             else:
                 seen.add((item.channel_id, item.raw.sha256))
-                results.append(self._route(message, item))
-        return results
+                chosen.append(self._choose(message, item))
+
+        # Duplicates and quarantined messages are not counted.
+        to_route = [c for c in chosen if isinstance(c, _Chosen)]
+        counts = iter(self.rates.count(self.db, [c.arrival() for c in to_route]))
+        return [
+            c if isinstance(c, Handled) else self._route(c, next(counts))
+            for c in chosen
+        ]
 
     def confirmed(self) -> None:
         """Remember what the broker confirmed, so a redelivery is not routed twice."""
@@ -108,7 +137,7 @@ class Router(ConsumerWorker):
             details={"channel_id": raw.channel_id, "source": raw.source.key()},
         )
 
-    def _route(self, message: amqp.Message, raw: RawEmail) -> Handled:
+    def _choose(self, message: amqp.Message, raw: RawEmail) -> Handled | _Chosen:
         routes = self.table.channel(raw.channel_id)
         if routes is None:
             return self.quarantine(
@@ -144,7 +173,20 @@ class Router(ConsumerWorker):
                 channel_id=channel.id,
             )
         routing_key = self.topology.declare_campaign(self.declaring, campaign_key)
+        return _Chosen(
+            raw, channel, parsed, campaign_id, campaign_key, routing_key, decision
+        )
+
+    def _route(self, chosen: _Chosen, sender_count: int | None) -> Handled:
+        raw, channel, parsed = chosen.raw, chosen.channel, chosen.parsed
+        campaign_id, campaign_key = chosen.campaign_id, chosen.campaign_key
+        decision = chosen.decision
         text_body, html_body, flags = _bounded_bodies(parsed)
+        looping = (
+            sender_count is not None and sender_count > self.settings.loop_sender_limit
+        )
+        if looping:
+            flags = [*flags, Flag.LOOP_SUSPECTED]
 
         routed = RoutedEmail(
             id=RoutedEmail.stable_id(channel.id, raw.raw.sha256),
@@ -164,7 +206,7 @@ class Router(ConsumerWorker):
         )
         out = Outgoing(
             self.topology.routed_exchange,
-            routing_key,
+            chosen.routing_key,
             routed_json(routed),
             message_id=str(routed.id),
             headers={"campaign": campaign_key, "channel_id": channel.id},
@@ -172,14 +214,17 @@ class Router(ConsumerWorker):
         self._routed_rows.append(
             (channel.id, raw.raw.sha256, str(routed.id), campaign_id, raw.source.key())
         )
+        counter = LOOP_SUSPECTED.labels(channel_id=str(channel.id))
         return Handled(
             Outcome.ROUTED,
             publish=[out],
+            after_confirm=counter.inc if looping else None,
             details={
                 "channel_id": channel.id,
                 "campaign": campaign_key,
                 "filter_id": decision.filter_id,
                 "withheld": Flag.ATTACHMENT_OVER_LIMIT in parsed.flags,
+                "loop_suspected": looping,
             },
         )
 
