@@ -159,7 +159,7 @@ def _child(env: BenchEnv, role: str, mode: str, job: dict[str, Any]) -> dict[str
     settings = env.settings
     child_env = dict(os.environ)
     child_env.update(
-        MAILROOM_DATABASE_URL=settings.database_url,
+        MAILROOM_DATABASE_URL=settings.database_url.get_secret_value(),
         MAILROOM_AMQP_URL=settings.amqp_url.get_secret_value(),
         MAILROOM_BROKER_PREFIX=settings.broker_prefix,
         MAILROOM_SECRET_KEYS=env.secret_key,

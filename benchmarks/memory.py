@@ -175,7 +175,7 @@ def _child_poller(settings: Settings, memory: Memory, job: dict[str, Any]) -> in
     poller = Poller(settings)
     connection = broker.connect(settings.amqp_url.get_secret_value(), attempts=3)
     try:
-        with db.connect(settings.database_url) as conn:
+        with db.connect(settings.database_url.get_secret_value()) as conn:
             poller.db = conn
             poller.catalog = Catalog(conn, SecretBox(settings.secret_keys))
             poller.publisher = Publisher(connection)

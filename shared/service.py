@@ -71,8 +71,8 @@ def run_worker(name: str, factory: Callable[[Settings], Worker]) -> None:
     """The ``main`` of a service: settings, schema, then the worker until stopped."""
     settings = get_settings()
     configure_logging(name, settings.log_level)
-    db.create_database_if_missing(settings.database_url)
-    applied = db.migrate(settings.database_url)
+    db.create_database_if_missing(settings.database_url.get_secret_value())
+    applied = db.migrate(settings.database_url.get_secret_value())
     if applied:
         log.info("database migrated", migrations=applied)
     precreate(Stage(name))

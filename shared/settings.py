@@ -16,9 +16,12 @@ MIB = 1024 * 1024
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MAILROOM_", extra="ignore")
 
-    database_url: str = Field(
-        "postgresql://postgres@127.0.0.1:5432/mailroom",
-        description="PostgreSQL connection URL shared by every process.",
+    database_url: SecretStr = Field(
+        SecretStr("postgresql://postgres@127.0.0.1:5432/mailroom"),
+        description=(
+            "PostgreSQL connection URL shared by every process; it may hold a "
+            "password, so it is never logged."
+        ),
     )
     amqp_url: SecretStr = Field(
         SecretStr("amqp://guest:guest@127.0.0.1:5672//"),

@@ -127,7 +127,7 @@ class ConsumerWorker(Reconnecting, ABC):
         return {"queue": self.queue}
 
     def _run_connected(self, stop: threading.Event) -> None:
-        with db.connect(self.settings.database_url) as conn:
+        with db.connect(self.settings.database_url.get_secret_value()) as conn:
             self.db = conn
             self.connection = broker.connect(self.settings.amqp_url.get_secret_value())
             try:

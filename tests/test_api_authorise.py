@@ -222,7 +222,9 @@ def test_the_cli_authorises_with_the_address_the_browser_came_back_to(
         inbound=account.model_dump(mode="json"),
         secrets={"client_secret": SECRET},
     )
-    monkeypatch.setenv("MAILROOM_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv(
+        "MAILROOM_DATABASE_URL", settings.database_url.get_secret_value()
+    )
     monkeypatch.setenv("MAILROOM_SECRET_KEYS", settings.secret_keys.get_secret_value())
     runner = CliRunner()
 

@@ -30,7 +30,7 @@ def entry(settings: Settings) -> int:
         broker.declare(connection, topology.declare)
     finally:
         connection.release()
-    with db.connect(settings.database_url) as conn:
+    with db.connect(settings.database_url.get_secret_value()) as conn:
         return quarantine.put(
             conn,
             stage=Stage.ROUTER,

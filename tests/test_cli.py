@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from services.admin.cli import main
+from shared.logs import configure_logging
 from shared.settings import Settings, get_settings
 from shared.topology import Topology
 from tests.conftest import AMQP_URL
@@ -22,7 +23,9 @@ from tests.support.smtp import SmtpServer
 
 @pytest.fixture
 def cli(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
-    monkeypatch.setenv("MAILROOM_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv(
+        "MAILROOM_DATABASE_URL", settings.database_url.get_secret_value()
+    )
     monkeypatch.setenv("MAILROOM_AMQP_URL", AMQP_URL)
     monkeypatch.setenv("MAILROOM_BROKER_PREFIX", settings.broker_prefix)
     assert settings.secret_keys is not None
@@ -30,6 +33,8 @@ def cli(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
     get_settings.cache_clear()
     yield CliRunner()
     get_settings.cache_clear()
+    # The CLI logs warnings only; the tests after these expect info lines.
+    configure_logging("tests", "info")
 
 
 def run(cli: CliRunner, *args: str) -> Result:
@@ -94,7 +99,7 @@ def test_the_stored_password_is_encrypted_and_never_shown(
     add_channel(cli)
 
     shown = run(cli, "channel", "show", "support").output
-    with db.connect(settings.database_url) as conn:
+    with db.connect(settings.database_url.get_secret_value()) as conn:
         stored = conn.execute("SELECT secrets::text AS s FROM channels").fetchone()
 
     assert "hunter2-imap" not in shown

@@ -122,7 +122,7 @@ class Deployment:
         return {q: n for q, n in self.rabbit.queues().items() if q.startswith(prefix)}
 
     def query(self, sql: str, *params: Any) -> list[dict[str, Any]]:
-        with db.connect(self.settings.database_url) as conn:
+        with db.connect(self.settings.database_url.get_secret_value()) as conn:
             return conn.execute(sql, params).fetchall()
 
     def publish(self, *messages: Outgoing) -> None:
@@ -636,7 +636,7 @@ def stalled(
     The waiting backend is ended with the lock still held, so the statement
     of a worker killed in the body never runs after its death.
     """
-    url = deployment.settings.database_url
+    url = deployment.settings.database_url.get_secret_value()
     with db.connect(url, autocommit=False) as locker, db.connect(url) as watcher:
         locker.execute(
             sql.SQL("LOCK TABLE {} IN {} MODE").format(
@@ -936,10 +936,12 @@ def test_a_raw_email_the_router_dies_on_every_time_is_quarantined_at_the_limit(
     # time it handles it, like one that crashes the interpreter.
     deployment, channel_id = router_deployment(rabbit, postgres)
     _message_id, data = mail(0, "poison")
-    with db.connect(deployment.settings.database_url) as conn:
+    with db.connect(deployment.settings.database_url.get_secret_value()) as conn:
         payload = blobs.put(conn, data, inline_max=0)
     fleet = Fleet(deployment, ("router",))
-    locker = db.connect(deployment.settings.database_url, autocommit=False)
+    locker = db.connect(
+        deployment.settings.database_url.get_secret_value(), autocommit=False
+    )
     try:
         locker.execute("LOCK TABLE blobs IN ACCESS EXCLUSIVE MODE")
         fleet.wait_ready("router")

@@ -216,7 +216,7 @@ def test_a_reply_with_a_15_mib_attachment_is_sent_under_16_mib(
         outbound=smtp.account().model_dump(mode="json"),
     )
     attachment = payload(REPLY_ATTACHMENT_BYTES, "outbound")
-    with db.connect(deployment.settings.database_url) as conn:
+    with db.connect(deployment.settings.database_url.get_secret_value()) as conn:
         content = blobs.put(
             conn, attachment, inline_max=deployment.settings.inline_max_bytes
         )

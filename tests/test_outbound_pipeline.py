@@ -83,7 +83,7 @@ def statuses(settings: Settings, count: int) -> list[DeliveryStatus]:
 
 
 def attachment(settings: Settings, name: str, data: bytes) -> OutboundAttachment:
-    with db.connect(settings.database_url) as conn:
+    with db.connect(settings.database_url.get_secret_value()) as conn:
         content = blobs.put(conn, data, inline_max=settings.inline_max_bytes)
     return OutboundAttachment(
         filename=name, content_type="application/pdf", content=content
@@ -173,7 +173,7 @@ def test_an_outbound_email_with_attachments_over_20_mib_is_refused_and_reported(
     assert DeliveryState.FAILED == status.state
     assert "huge.bin" in status.detail
     assert [] == smtp.messages
-    with db.connect(settings.database_url) as conn:
+    with db.connect(settings.database_url.get_secret_value()) as conn:
         row = conn.execute(
             "SELECT state FROM outbound_deliveries WHERE idempotency_key = %s",
             (too_big.idempotency_key,),

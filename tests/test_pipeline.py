@@ -98,7 +98,7 @@ def account_for(
             RoutedEmail.model_validate_json(m.body)
             for m in drain(AMQP_URL, queues, until=lambda _t: False, timeout=0.5)
         ]
-        with db.connect(settings.database_url) as conn:
+        with db.connect(settings.database_url.get_secret_value()) as conn:
             quarantined = conn.execute(
                 "SELECT id, stage, reason, body FROM quarantine ORDER BY id"
             ).fetchall()

@@ -117,7 +117,7 @@ def raw_subjects(settings: Settings, expected: int, timeout: float = 20) -> list
 def wait_for_poll(settings: Settings, channel_id: int, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with db.connect(settings.database_url) as conn:
+        with db.connect(settings.database_url.get_secret_value()) as conn:
             row = conn.execute(
                 "SELECT last_poll_ok_at FROM channels WHERE id = %s", (channel_id,)
             ).fetchone()
@@ -184,7 +184,7 @@ def test_sync_when_recipient_only_keeps_mail_addressed_to_the_channel(
     addressed = ["bcc", "cc", "group", "to"]
     everything = sorted([*addressed, "forward", "list"])
     assert (addressed if recipient_only else everything) == subjects
-    with db.connect(settings.database_url) as conn:
+    with db.connect(settings.database_url.get_secret_value()) as conn:
         skipped = conn.execute("SELECT count(*) AS n FROM skipped_messages").fetchone()
     assert {"n": 2 if recipient_only else 0} == skipped
 

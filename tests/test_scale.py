@@ -101,7 +101,7 @@ def routed(settings: Settings, expected: int, timeout: float) -> list[RoutedEmai
 
 
 def owners(settings: Settings) -> dict[int, str | None]:
-    with db.connect(settings.database_url) as conn:
+    with db.connect(settings.database_url.get_secret_value()) as conn:
         rows = conn.execute("SELECT id, lease_owner FROM channels").fetchall()
     return {r["id"]: r["lease_owner"] for r in rows}
 

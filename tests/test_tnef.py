@@ -255,7 +255,7 @@ def running_router(settings: Settings) -> Iterator[Router]:
 def publish(settings: Settings, channel_id: int, mails: list[bytes]) -> None:
     topology = Topology(prefix=settings.broker_prefix)
     outgoing = []
-    with db.connect(settings.database_url) as conn:
+    with db.connect(settings.database_url.get_secret_value()) as conn:
         for data in mails:
             raw = RawEmail(
                 channel_id=channel_id,

@@ -72,7 +72,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool: ConnectionPool[Any] = ConnectionPool(
-            settings.database_url,
+            settings.database_url.get_secret_value(),
             min_size=2,
             max_size=8,
             timeout=POOL_TIMEOUT_SECONDS,

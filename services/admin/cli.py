@@ -59,7 +59,7 @@ def _settings() -> Settings:
 def _catalog() -> Iterator[Catalog]:
     settings = _settings()
     try:
-        with db.connect(settings.database_url) as conn:
+        with db.connect(settings.database_url.get_secret_value()) as conn:
             yield Catalog(conn, SecretBox(settings.secret_keys))
     except MailroomError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -108,8 +108,8 @@ def main() -> None:
 def migrate() -> None:
     """Create the database if needed and apply pending schema migrations."""
     settings = _settings()
-    created = db.create_database_if_missing(settings.database_url)
-    applied = db.migrate(settings.database_url)
+    created = db.create_database_if_missing(settings.database_url.get_secret_value())
+    applied = db.migrate(settings.database_url.get_secret_value())
     click.echo(
         f"{'created the database; ' if created else ''}{applied} migration(s) applied"
     )

@@ -31,7 +31,7 @@ def token() -> None:
 def token_create(name: str, role: str) -> None:
     """Make token NAME and print it once; only its hash is kept."""
     try:
-        with db.connect(get_settings().database_url) as conn:
+        with db.connect(get_settings().database_url.get_secret_value()) as conn:
             info, secret = TokenStore(conn).create(name, role)
     except MailroomError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -43,7 +43,7 @@ def token_create(name: str, role: str) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def token_list(as_json: bool) -> None:
     """Every token's name, role and last use; never the tokens themselves."""
-    with db.connect(get_settings().database_url) as conn:
+    with db.connect(get_settings().database_url.get_secret_value()) as conn:
         tokens = TokenStore(conn).tokens()
     if as_json:
         click.echo(json.dumps([t.model_dump(mode="json") for t in tokens], indent=2))
@@ -59,7 +59,7 @@ def token_list(as_json: bool) -> None:
 def token_revoke(name: str) -> None:
     """Revoke token NAME and end the console sessions opened with it."""
     try:
-        with db.connect(get_settings().database_url) as conn:
+        with db.connect(get_settings().database_url.get_secret_value()) as conn:
             TokenStore(conn).revoke(name)
     except MailroomError as exc:
         raise click.ClickException(str(exc)) from exc

@@ -91,7 +91,7 @@ class Poller(Reconnecting):
         return {"owner": self.owner}
 
     def _run_connected(self, stop: threading.Event) -> None:
-        with db.connect(self.settings.database_url) as conn:
+        with db.connect(self.settings.database_url.get_secret_value()) as conn:
             self.db = conn
             self.catalog = Catalog(conn, self.box)
             self.leases = Leases(conn, self.owner, self.settings.lease_seconds)

@@ -116,7 +116,11 @@ def admin_api(settings: Settings) -> Iterator[AdminApi]:
         base = stack.enter_context(live_server(create_app(settings)))
 
         def client(role: Role | None) -> httpx.Client:
-            headers = bearer(make_token(settings.database_url, role)) if role else {}
+            headers = (
+                bearer(make_token(settings.database_url.get_secret_value(), role))
+                if role
+                else {}
+            )
             # trust_env=False: no proxy from the environment stands between
             # the test and the server on 127.0.0.1.
             return stack.enter_context(

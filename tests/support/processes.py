@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def service_env(settings: Settings, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        MAILROOM_DATABASE_URL=settings.database_url,
+        MAILROOM_DATABASE_URL=settings.database_url.get_secret_value(),
         MAILROOM_AMQP_URL=settings.amqp_url.get_secret_value(),
         MAILROOM_BROKER_PREFIX=settings.broker_prefix,
         MAILROOM_METRICS_PORT="0",
