@@ -12,7 +12,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 HOSTNAME = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
@@ -141,7 +141,22 @@ class SmtpAccount(_ServerAccount):
     type: Literal["smtp"] = "smtp"
     port: int = Field(587, ge=1, le=65535)
     security: Security = Security.STARTTLS
+    username: str = Field(
+        "",
+        description=(
+            "Login name; leave it empty, with no password stored, for a relay "
+            "that takes mail without AUTH."
+        ),
+    )
     oauth2: OAuth2Login | None = Field(None, description=OAUTH2_DESCRIPTION)
+
+    @model_validator(mode="after")
+    def _token_needs_a_user(self) -> SmtpAccount:
+        if self.oauth2 is not None and not self.username.strip():
+            raise ValueError(
+                "username: XOAUTH2 needs the mailbox the token is for as the username"
+            )
+        return self
 
 
 InboundAccount = Annotated[

@@ -201,7 +201,8 @@ def test_a_channel_that_signs_in_with_passwords_has_nothing_to_authorise(
     refused = api.admin.post(f"/api/channels/{created['id']}/authorise")
 
     assert 422 == refused.status_code
-    assert "auth_flow" == refused.json()["field"]
+    assert "authorisation" == refused.json()["field"]
+    assert "nothing to authorise" in refused.json()["detail"]
 
 
 def test_the_cli_authorises_with_the_address_the_browser_came_back_to(

@@ -477,3 +477,45 @@ def test_the_sender_process_sends_by_xoauth2_and_keeps_the_rotated_token(
     assert all(a.accepted for a in smtp.logins)
     assert {mailbox} == {m.login for m in smtp.messages}
     assert catalog.secrets(channel.id)["refresh_token"] != secrets["refresh_token"]
+
+
+def test_a_server_without_xoauth2_is_named_as_the_problem(dovecot: Dovecot) -> None:
+    """The shared Dovecot takes passwords only: no XOAUTH2 in its CAPABILITY."""
+    user = f"x{uuid.uuid4().hex[:8]}"
+    dovecot.add_user(user, uuid.uuid4().hex)
+    account = ImapAccount(
+        host=dovecot.host,
+        port=dovecot.imap_port,
+        security="none",
+        username=user,
+        oauth2=TokenLogin(),
+    )
+    secrets = {"inbound_access_token": "a-token"}
+
+    with pytest.raises(ChannelAuthError) as caught:
+        ImapMailbox(
+            account, StoredToken(secrets, "inbound_access_token"), timeout=10
+        ).__enter__()
+    report = validate_channel(
+        channel_of(inbound=account),
+        secrets,
+        Settings(metrics_port=0),
+        allow_private=True,
+        step_seconds=10,
+    )
+
+    assert "does not offer AUTHENTICATE XOAUTH2" in str(caught.value)
+    assert (Kind.AUTH_FAILURE, "inbound.security") == (
+        report.inbound.kind,
+        report.inbound.field,
+    )
+    assert "does not offer AUTHENTICATE XOAUTH2" in report.inbound.message
+
+
+def test_an_smtp_relay_needs_no_username_but_xoauth2_does() -> None:
+    relay = SmtpAccount(host="127.0.0.1", port=25, security="none")
+
+    with pytest.raises(ValueError, match="XOAUTH2 needs the mailbox"):
+        SmtpAccount(host="127.0.0.1", port=25, oauth2=TokenLogin())
+
+    assert "" == relay.username

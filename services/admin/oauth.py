@@ -81,6 +81,13 @@ def channel_sign_in(channel: Channel) -> SignIn:
             found.append((direction, account.oauth2, scopes))
 
     delegated = [item for item in found if item[1].auth_flow == "authorization_code"]
+    if not found:
+        raise ValidationFailed(
+            "authorisation",
+            "no account of this channel signs in with Microsoft, so there is "
+            "nothing to authorise: Save and authorise is for Exchange Online "
+            "accounts, and IMAP or SMTP accounts with oauth2 provider 'microsoft'",
+        )
     if not delegated:
         raise ValidationFailed(
             "auth_flow",

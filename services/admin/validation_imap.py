@@ -192,6 +192,20 @@ def _imap_token_login(
 ) -> None:
     seconds = next_step(client.socket(), dialer)
     try:
+        offered = client.has_capability("AUTH=XOAUTH2")
+    except IMAPClient.Error as exc:
+        raise broke_off(endpoint, "asking for its capabilities", exc) from exc
+    except OSError as exc:
+        raise failure(exc, endpoint, "asking for its capabilities", seconds) from exc
+    if not offered:
+        raise StepFailed(
+            Kind.AUTH_FAILURE,
+            f"{endpoint} does not offer AUTHENTICATE XOAUTH2 on this connection; "
+            "many servers offer it only over TLS: check the security setting, or "
+            "sign in with a password",
+            endpoint.field("security"),
+        )
+    try:
         client.oauth2_login(username, token)
     except LoginError as exc:
         raise StepFailed(

@@ -370,6 +370,7 @@ class ImapMailbox:
     def _log_in_with_token(self, client: IMAPClient, bearer: Bearer) -> None:
         """AUTHENTICATE XOAUTH2; a refused token is renewed and tried once more."""
         username = self.account.username
+        self._require_xoauth2(client)
         token = bearer.access_token()
         try:
             try:
@@ -389,6 +390,18 @@ class ImapMailbox:
             ) from exc
         except (IMAPClient.AbortError, OSError) as exc:
             raise self._lost("logging in", exc) from exc
+
+    def _require_xoauth2(self, client: IMAPClient) -> None:
+        try:
+            offered = client.has_capability("AUTH=XOAUTH2")
+        except (IMAPClient.Error, OSError) as exc:
+            raise self._lost("asking for its capabilities", exc) from exc
+        if not offered:
+            raise ChannelAuthError(
+                f"{self._where} does not offer AUTHENTICATE XOAUTH2 on this "
+                "connection; sign in with a password instead, or check the "
+                "security setting: many servers offer it only over TLS"
+            )
 
     def _connected(self) -> IMAPClient:
         if self._client is None:
