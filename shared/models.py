@@ -125,6 +125,14 @@ class AttachmentInfo(Message):
     withheld: bool = Field(
         False, description="Over the attachment limit: listed but not delivered."
     )
+    content: Payload | None = Field(
+        None,
+        description=(
+            "The file's bytes when they are not a MIME part of the raw message: "
+            "files unpacked from a TNEF winmail.dat. Null for ordinary parts "
+            "(read them from raw) and for withheld files."
+        ),
+    )
 
 
 class Flag(StrEnum):

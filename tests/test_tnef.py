@@ -284,6 +284,7 @@ def test_winmail_dat_mail_is_routed_by_its_tnef_body_with_its_files_listed(
         attachments=[
             Attachment(b"po-1234.pdf", b"%PDF" * 100),
             Attachment(b"scan.tif", b"II*\x00" + b"\x01" * 70_000),
+            Attachment(b"terms.txt", b"Terms. " * 300),
         ],
     )
     plain = Tnef(body=b"Nothing to see.")
@@ -307,9 +308,19 @@ def test_winmail_dat_mail_is_routed_by_its_tnef_body_with_its_files_listed(
     first = routed["<order@customer.example>"]
     assert "sales" == first.campaign_key
     assert "Please find our Purchase Order attached." == first.text_body
-    assert [("po-1234.pdf", 400, False), ("scan.tif", 70_004, True)] == [
-        (a.filename, a.size, a.withheld) for a in first.attachments
-    ]
+    assert [
+        ("po-1234.pdf", 400, False),
+        ("scan.tif", 70_004, True),
+        ("terms.txt", 2_100, False),
+    ] == [(a.filename, a.size, a.withheld) for a in first.attachments]
+    # A consumer gets the files' bytes: inline while they fit the inline
+    # limit, the rest by claim check; a withheld file has none.
+    pdf, scan, terms = (a.content for a in first.attachments)
+    assert pdf is not None and b"%PDF" * 100 == pdf.data
+    assert scan is None
+    assert terms is not None and terms.is_claim_check
+    with db.connect(router_settings.database_url.get_secret_value()) as conn:
+        assert b"Terms. " * 300 == blobs.get(conn, terms)
     assert Flag.ATTACHMENT_OVER_LIMIT in first.flags
     assert "general" == routed["<plain@customer.example>"].campaign_key
 

@@ -145,6 +145,9 @@ class Walker:
         self.body_charset = ""
         self.parts = 0
         self.stopped = False
+        # Files unpacked from TNEF parts, by their index in ``attachments``:
+        # their bytes are not a MIME part a consumer could read from raw.
+        self.unpacked: dict[int, bytes] = {}
         # Bodies found inside a TNEF part, for a message without one of its own.
         self.tnef_text: str | None = None
         self.tnef_html: str | None = None
@@ -272,6 +275,8 @@ class Walker:
                 return True
             digest = hashlib.sha256(item.data).hexdigest()
             self._list(item.name, item.content_type, len(item.data), digest)
+            if not self.attachments[-1].withheld:
+                self.unpacked[len(self.attachments) - 1] = item.data
 
         self.tnef_text = self.tnef_text or contents.text_body
         self.tnef_html = self.tnef_html or contents.html_body

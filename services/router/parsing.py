@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import html
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import getaddresses, parsedate_to_datetime
 
@@ -90,6 +90,8 @@ class ParsedEmail:
     defects: list[str]
     sender_text: str
     body_text: str
+    # Bytes of files unpacked from TNEF, by index in ``attachments``.
+    unpacked: dict[int, bytes] = field(default_factory=dict)
 
 
 def parse_email(raw: bytes, *, attachment_limit: int) -> ParsedEmail:
@@ -138,6 +140,7 @@ def parse_email(raw: bytes, *, attachment_limit: int) -> ParsedEmail:
         defects=defects.items,
         sender_text=sender_text,
         body_text=text_body or html_to_text(html_body),
+        unpacked=walker.unpacked,
     )
 
 

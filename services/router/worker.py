@@ -26,7 +26,13 @@ from shared.broker import Outgoing
 from shared.catalog import Catalog, Channel
 from shared.errors import MessageRejected
 from shared.metrics import LOOP_SUSPECTED, Outcome, Stage
-from shared.models import Flag, RawEmail, RouteDecision, RoutedEmail
+from shared.models import (
+    AttachmentInfo,
+    Flag,
+    RawEmail,
+    RouteDecision,
+    RoutedEmail,
+)
 from shared.worker import ConsumerWorker, Handled
 
 BODY_LIMIT_CHARS = 1_000_000
@@ -91,6 +97,25 @@ class Router(ConsumerWorker):
             for c in chosen
         ]
 
+    def _with_unpacked(self, parsed: ParsedEmail) -> list[AttachmentInfo]:
+        """The attachments, with the bytes of files unpacked from TNEF.
+
+        They travel inline up to MAILROOM_INLINE_MAX_BYTES for the message in
+        all, the rest by claim check, so no RoutedEmail grows past the limit.
+        """
+        if not parsed.unpacked:
+            return parsed.attachments
+        attachments = list(parsed.attachments)
+        inline_left = self.settings.inline_max_bytes
+        for index, data in parsed.unpacked.items():
+            content = blobs.put(self.db, data, inline_max=inline_left)
+            if not content.is_claim_check:
+                inline_left -= len(data)
+            attachments[index] = attachments[index].model_copy(
+                update={"content": content}
+            )
+        return attachments
+
     def confirmed(self) -> None:
         """Remember what the broker confirmed, so a redelivery is not routed twice."""
         if not self._routed_rows:
@@ -114,7 +139,7 @@ class Router(ConsumerWorker):
         except ValidationError as exc:
             return self.quarantine(
                 message,
-                "not a RawEmail of a known schema version",
+                "not a valid RawEmail (see the detail for the fields at fault)",
                 detail=str(exc)[:2000],
             )
 
@@ -199,7 +224,7 @@ class Router(ConsumerWorker):
             headers=parsed.headers,
             text_body=text_body,
             html_body=html_body,
-            attachments=parsed.attachments,
+            attachments=self._with_unpacked(parsed),
             flags=flags,
             defects=parsed.defects,
             raw=raw.raw,
