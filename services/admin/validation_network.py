@@ -186,9 +186,10 @@ class Dialer:
 
         raise StepFailed(
             Kind.ADDRESS_NOT_ALLOWED,
-            f"{endpoint} resolves to {address}, {reason}, which a channel may not "
-            "use; give the server's public host name (validating a test server "
-            "on a private network needs MAILROOM_VALIDATE_ALLOW_PRIVATE_ADDRESSES)",
+            f"{endpoint} resolves to {address}, {reason}, which Validate does not "
+            "try; give the server's public host name (to validate a test server "
+            "on a private network, use `mailroom channel validate --allow-private` "
+            "or set MAILROOM_VALIDATE_ALLOW_PRIVATE_ADDRESSES for the API)",
             endpoint.field("host"),
         )
 
