@@ -191,7 +191,7 @@ def test_delivery_shows_how_a_reply_sent_by_the_sender_went(
 
     assert 0 == queued.exit_code, queued.output
     assert "mailroom delivery order-7" in queued.output
-    assert "sent" == shown["state"]
+    assert ("sent", 250) == (shown["state"], shown["smtp_code"])
     assert "250" in shown["detail"], shown
     assert "never-sent" in unknown.output
     assert "not seen by a sender yet" in unknown.output

@@ -118,35 +118,39 @@ class Sender(ConsumerWorker):
                 message_id=message_id,
                 attachment_limit=self.settings.attachment_limit_bytes,
             )
-            summary = self._deliver(channel, recipients(out), data)
+            summary, code = self._deliver(channel, recipients(out), data)
         except TemporaryDeliveryError as exc:
             return self._retry_or_fail(message, out, message_id, exc)
         except (PermanentDeliveryError, MailroomError) as exc:
             code = getattr(exc, "code", None)
             return self._fail(message, out, message_id, str(exc), code=code)
 
-        self._record(out, DeliveryState.SENT, detail=summary)
+        self._record(out, DeliveryState.SENT, detail=summary, code=code)
         CHANNEL_MESSAGES.labels(channel_id=str(channel.id), direction="outbound").inc()
         return self._status(
-            out, DeliveryState.SENT, Outcome.SENT, message_id, detail=summary
+            out, DeliveryState.SENT, Outcome.SENT, message_id, detail=summary, code=code
         )
 
-    def _deliver(self, channel: Channel, to: list[str], data: bytes) -> str:
-        """Hand the message to the channel's server; returns what it answered."""
+    def _deliver(
+        self, channel: Channel, to: list[str], data: bytes
+    ) -> tuple[str, int | None]:
+        """Hand the message to the channel's server; returns what it answered,
+        and the SMTP reply code (None through Exchange Online)."""
         account = channel.outbound
         if isinstance(account, GraphAccount):
             secrets = self.catalog.secrets(channel.id)
             timeout = self.settings.smtp_timeout_seconds
             with GraphSender(account, secrets, timeout=timeout) as graph:
                 try:
-                    return graph.send(data, to).summary()
+                    return graph.send(data, to).summary(), None
                 finally:
                     self.catalog.keep_rotated_secrets(
                         channel.id, secrets, graph.updated_secrets
                     )
         opened = self._connection(channel)
         try:
-            return opened.connection.send(channel.address, to, data).summary()
+            result = opened.connection.send(channel.address, to, data)
+            return result.summary(), result.reply.code
         finally:
             if opened.bearer is not None:
                 rotated = opened.bearer.updated_secrets
