@@ -103,6 +103,7 @@ def test_the_stored_password_is_encrypted_and_never_shown(
         stored = conn.execute("SELECT secrets::text AS s FROM channels").fetchone()
 
     assert "hunter2-imap" not in shown
+    assert ["inbound_password"] == json.loads(shown)["secrets_set"]
     assert stored is not None and "hunter2-imap" not in stored["s"]
 
 

@@ -326,10 +326,12 @@ def channel_list(as_json: bool) -> None:
 @channel.command("show")
 @click.argument("name")
 def channel_show(name: str) -> None:
-    """Everything stored about a channel, secrets excepted."""
+    """Everything stored about a channel; of its secrets, only which are set."""
     with _catalog() as catalog:
         item = catalog.channel(_ref(name))
-    click.echo(json.dumps(item.model_dump(mode="json"), indent=2))
+        stored = sorted(catalog.secrets(item.id))
+    shown = item.model_dump(mode="json") | {"secrets_set": stored}
+    click.echo(json.dumps(shown, indent=2))
 
 
 @channel.command("activate")
@@ -536,6 +538,7 @@ def quarantine_() -> None:
 @click.option("--limit", default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def quarantine_list(include_replayed: bool, limit: int, as_json: bool) -> None:
+    """Kept messages not replayed yet, newest first, with why each was kept."""
     with _catalog() as catalog:
         rows = [
             m.model_dump(mode="json")
@@ -550,6 +553,7 @@ def quarantine_list(include_replayed: bool, limit: int, as_json: bool) -> None:
 @click.argument("entry_id", type=int)
 @click.option("--body", is_flag=True, help="Print the stored message body as well.")
 def quarantine_show(entry_id: int, body: bool) -> None:
+    """One kept message: where it came from, the reason and the detail."""
     with _catalog() as catalog:
         entry, data = quarantine_store.get(catalog.conn, entry_id)
     click.echo(json.dumps(entry.model_dump(mode="json"), indent=2))
