@@ -1019,9 +1019,9 @@ def test_a_raw_email_that_is_not_json_is_quarantined_at_its_first_delivery(
     finally:
         fleet.stop()
 
-    assert [("router", "not a RawEmail of a known schema version")] == [
-        (r["stage"], r["reason"]) for r in rows
-    ]
+    assert [
+        ("router", "not a valid RawEmail (see the detail for the fields at fault)")
+    ] == [(r["stage"], r["reason"]) for r in rows]
     assert b"\x00 not json" == bytes(rows[0]["body"])
     assert ["quarantined"] == handled
     assert 0 == fleet.kills["router"]

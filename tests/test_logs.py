@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import sys
 import threading
 
 import pytest
+import structlog
 
 from shared.logs import configure_logging, get_logger
 
 
 def test_a_line_logged_on_another_thread_still_names_the_service(
-    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    written = io.StringIO()
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    monkeypatch.setattr(sys, "stderr", written)
     configure_logging("poller", "info")
     try:
         worker = threading.Thread(
@@ -22,10 +31,13 @@ def test_a_line_logged_on_another_thread_still_names_the_service(
         )
         worker.start()
         worker.join()
-        [line] = capsys.readouterr().err.splitlines()
     finally:
-        configure_logging("tests", "info")
+        # The other tests log where they did before.
+        structlog.configure(**saved)
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
+    [line] = written.getvalue().splitlines()
     logged = json.loads(line)
     assert ("poller", "watching with IDLE", 3) == (
         logged["service"],
