@@ -3,8 +3,7 @@
 ``TokenSource`` gets access tokens with msal for one app registration, as the
 app itself (client credentials) or as the person who authorised the channel
 once (a refresh token, rotated on each use). Microsoft Graph uses it, and so
-do IMAP and SMTP accounts that sign in with XOAUTH2. ``StoredToken`` is the
-other kind of bearer: an access token another system keeps current.
+do IMAP and SMTP accounts that sign in with XOAUTH2 (``shared.xoauth2``).
 
 Whatever Azure AD refuses becomes a ``ChannelAuthError`` in plain words,
 naming the setting to change (``sign_in_problem``).
@@ -12,19 +11,18 @@ naming the setting to change (``sign_in_problem``).
 
 from __future__ import annotations
 
-import base64
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import msal
 import requests
 
-from shared.accounts import GraphAccount, MicrosoftApp, MicrosoftLogin, TokenLogin
+from shared.accounts import MicrosoftApp
 from shared.errors import ChannelAuthError, ChannelConnectError
 
 GRAPH = "https://graph.microsoft.com/"
@@ -63,7 +61,6 @@ SMTP_SCOPES = Scopes(
 
 TOKEN_EARLY_SECONDS = 60.0
 AADSTS = re.compile(r"AADSTS(\d+)")
-MICROSOFT_SECRETS = ("client_secret", "refresh_token")
 
 
 @dataclass(frozen=True)
@@ -227,17 +224,6 @@ def signing_in(account: MicrosoftApp) -> Iterator[None]:
         ) from exc
 
 
-class Bearer(Protocol):
-    """Something that hands out a current OAuth access token."""
-
-    def access_token(self) -> str: ...
-
-    def forget_token(self) -> None: ...
-
-    @property
-    def updated_secrets(self) -> dict[str, str]: ...
-
-
 class TokenSource:
     """Access tokens for one Microsoft app registration; safe to share by threads.
 
@@ -363,111 +349,3 @@ class TokenSource:
         if "access_token" not in result:
             raise ChannelAuthError(self.problem(result).text)
         return result
-
-
-class StoredToken:
-    """An access token kept in one of the channel's secrets by another system."""
-
-    def __init__(self, secrets: Mapping[str, str], key: str) -> None:
-        self._secrets = dict(secrets)
-        self._key = key
-
-    def __repr__(self) -> str:
-        return f"StoredToken({self._key})"
-
-    @property
-    def updated_secrets(self) -> dict[str, str]:
-        return dict(self._secrets)
-
-    def access_token(self) -> str:
-        token = self._secrets.get(self._key, "")
-        if not token:
-            raise ChannelAuthError(
-                f"no access token is stored for this account: set the secret "
-                f"{self._key}, or sign in with Microsoft instead"
-            )
-        return token
-
-    def forget_token(self) -> None:
-        """A stored token cannot be renewed here; the next one comes through the API."""
-
-
-def token_secret(direction: str) -> str:
-    """The secret that holds an inbound or outbound account's own access token."""
-    return f"{direction}_access_token"
-
-
-def bearer_for(
-    login: MicrosoftLogin | TokenLogin,
-    secrets: Mapping[str, str],
-    *,
-    direction: str,
-    scopes: Scopes,
-    timeout: float,
-) -> Bearer:
-    """The token source an XOAUTH2 login needs."""
-    if isinstance(login, TokenLogin):
-        return StoredToken(secrets, token_secret(direction))
-    return TokenSource(
-        login, secrets, scopes, http=HttpSession(timeout, login.ca_file or True)
-    )
-
-
-def secrets_used(
-    login: MicrosoftLogin | TokenLogin | GraphAccount, direction: str
-) -> tuple[str, ...]:
-    """The channel secrets a login reads; a change to one calls for a new bearer."""
-    if isinstance(login, TokenLogin):
-        return (token_secret(direction),)
-    return MICROSOFT_SECRETS
-
-
-def xoauth2(username: str, token: str) -> bytes:
-    """The SASL XOAUTH2 initial response, before base64."""
-    return f"user={username}\x01auth=Bearer {token}\x01\x01".encode()
-
-
-def xoauth2_b64(username: str, token: str) -> str:
-    return base64.b64encode(xoauth2(username, token)).decode("ascii")
-
-
-class Bearers:
-    """The XOAUTH2 bearers of one worker's channels, reused between polls.
-
-    A bearer is kept while its login settings stay the same and the stored
-    secrets it reads are the ones it holds; a secret changed elsewhere (a
-    new sign-in, a token rotated by another worker) gives a fresh bearer.
-    """
-
-    def __init__(self, *, timeout: float) -> None:
-        self._timeout = timeout
-        self._kept: dict[tuple[int, str], tuple[object, Bearer]] = {}
-
-    def __repr__(self) -> str:
-        return f"Bearers({len(self._kept)} kept)"
-
-    def get(
-        self,
-        channel_id: int,
-        direction: str,
-        login: MicrosoftLogin | TokenLogin,
-        scopes: Scopes,
-        secrets: Mapping[str, str],
-    ) -> Bearer:
-        used = secrets_used(login, direction)
-        kept = self._kept.get((channel_id, direction))
-        if kept is not None:
-            settings, bearer = kept
-            held = bearer.updated_secrets
-            if settings == login and all(held.get(k) == secrets.get(k) for k in used):
-                return bearer
-
-        bearer = bearer_for(
-            login, secrets, direction=direction, scopes=scopes, timeout=self._timeout
-        )
-        self._kept[(channel_id, direction)] = (login, bearer)
-        return bearer
-
-    def forget(self, channel_id: int) -> None:
-        for direction in ("inbound", "outbound"):
-            self._kept.pop((channel_id, direction), None)

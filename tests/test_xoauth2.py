@@ -39,8 +39,9 @@ from shared.errors import (
     TemporaryDeliveryError,
 )
 from shared.models import Address, OutboundEmail
-from shared.oauth import IMAP_SCOPES, SMTP_SCOPES, HttpSession, StoredToken, TokenSource
+from shared.oauth import IMAP_SCOPES, SMTP_SCOPES, HttpSession, TokenSource
 from shared.settings import Settings
+from shared.xoauth2 import StoredToken
 from tests.support.dovecot import Dovecot
 from tests.support.graph_fake import GraphFake, RegisteredApp
 from tests.support.processes import Service, service_env

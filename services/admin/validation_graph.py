@@ -36,13 +36,8 @@ from services.admin.validation_verdicts import Kind, StepFailed, Verdict
 from shared.accounts import GraphAccount, MicrosoftApp, MicrosoftLogin, TokenLogin
 from shared.errors import ChannelAuthError, ChannelError
 from shared.graph import GraphClient
-from shared.oauth import (
-    HttpSession,
-    Scopes,
-    TokenSource,
-    sign_in_problem,
-    token_secret,
-)
+from shared.oauth import HttpSession, Scopes, TokenSource, sign_in_problem
+from shared.xoauth2 import token_secret
 
 # Throttling is waited out only this long: the validation has 60 s in all.
 THROTTLE_WAIT = 5.0

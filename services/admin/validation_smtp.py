@@ -24,7 +24,7 @@ from services.admin.validation_network import (
 )
 from services.admin.validation_verdicts import Kind, StepFailed, Verdict
 from shared.accounts import Security, SmtpAccount
-from shared.oauth import xoauth2_b64
+from shared.xoauth2 import xoauth2_b64
 
 T = TypeVar("T")
 # Replies that mean the server wants encryption before AUTH.

@@ -15,7 +15,7 @@ from services.poller.imap import ImapMailbox
 from shared.accounts import ImapAccount
 from shared.errors import ChannelError
 from shared.logs import get_logger
-from shared.oauth import Bearer
+from shared.xoauth2 import Bearer
 
 log = get_logger(__name__)
 

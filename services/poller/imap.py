@@ -29,7 +29,7 @@ from shared.checkpoints import Checkpoint
 from shared.errors import ChannelAuthError, ChannelConnectError, ChannelProtocolError
 from shared.logs import get_logger
 from shared.models import MailSource, Protocol
-from shared.oauth import Bearer
+from shared.xoauth2 import Bearer
 
 log = get_logger(__name__)
 

@@ -56,11 +56,12 @@ from shared.metrics import (
     forget_channel,
 )
 from shared.models import RawEmail
-from shared.oauth import IMAP_SCOPES, Bearer, Bearers
+from shared.oauth import IMAP_SCOPES
 from shared.secrets import SecretBox
 from shared.settings import Settings
 from shared.topology import RAW_KEY, Topology
 from shared.worker import RECOVERABLE, Reconnecting
+from shared.xoauth2 import Bearer, Bearers
 
 log = get_logger(__name__)
 

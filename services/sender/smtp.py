@@ -29,7 +29,7 @@ from shared.errors import (
     TemporaryDeliveryError,
 )
 from shared.logs import get_logger
-from shared.oauth import Bearer, xoauth2_b64
+from shared.xoauth2 import Bearer, xoauth2_b64
 
 log = get_logger(__name__)
 

@@ -33,9 +33,10 @@ from shared.errors import (
 )
 from shared.metrics import CHANNEL_MESSAGES, Outcome, Stage
 from shared.models import Address, DeliveryState, DeliveryStatus, OutboundEmail
-from shared.oauth import SMTP_SCOPES, Bearer, Bearers
+from shared.oauth import SMTP_SCOPES
 from shared.secrets import SecretBox
 from shared.worker import ConsumerWorker, Handled
+from shared.xoauth2 import Bearer, Bearers
 
 ATTEMPT_HEADER = "x-mailroom-attempt"
 # On a send that waits for an earlier, interrupted delivery of its key to end.
