@@ -7,13 +7,20 @@ import email
 import email.policy
 import hashlib
 import os
+import uuid
 from email.message import EmailMessage
+from pathlib import Path
 
 import pytest
 
 from services.sender.graph import GraphSender
+from shared.catalog import Catalog
 from shared.errors import PermanentDeliveryError, TemporaryDeliveryError
+from shared.models import Address, DeliveryState, OutboundEmail
+from shared.settings import Settings
 from tests.support.graph_fake import GraphFake, RegisteredApp
+from tests.support.outbound import publish_replies, statuses
+from tests.support.processes import Service, service_env
 
 TENANT = "5f8c1a9e-2b7d-4c1e-9a3f-0d6e8b2c4a71"
 CLIENT_ID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
@@ -179,3 +186,38 @@ def test_a_failed_draft_is_deleted_so_a_retry_leaves_none_behind(
 
     assert 1 == graph_fake.count("POST", r"/messages$")
     assert [] == graph_fake.messages(MAILBOX, "drafts")
+
+
+def test_the_sender_process_sends_a_reply_through_exchange_online(
+    graph_fake: GraphFake,
+    app: RegisteredApp,
+    catalog: Catalog,
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    channel = catalog.add_channel(
+        "exchange",
+        address=MAILBOX,
+        outbound=graph_fake.account(app, MAILBOX).model_dump(mode="json"),
+        secrets={"client_secret": SECRET},
+    )
+    reply_email = OutboundEmail(
+        idempotency_key=f"graph-{uuid.uuid4()}",
+        channel_id=channel.id,
+        to=[Address(email=CUSTOMER)],
+        subject="Re: my order",
+        text_body="Your order is on its way.",
+    )
+
+    service = Service("sender", service_env(settings), tmp_path)
+    try:
+        publish_replies(settings, reply_email)
+        [status] = statuses(settings, 1)
+    finally:
+        service.stop()
+
+    assert DeliveryState.SENT == status.state, status.detail
+    assert "202 Accepted by Microsoft Graph" in status.detail
+    [sent] = graph_fake.sent
+    assert ("sendMail", [CUSTOMER]) == (sent.via, sent.recipients)
+    assert b"Subject: Re: my order" in sent.mime

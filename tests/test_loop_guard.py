@@ -20,12 +20,24 @@ from prometheus_client.parser import text_string_to_metric_families
 from shared import broker
 from shared.broker import Outgoing, Publisher
 from shared.catalog import Catalog
-from shared.models import Flag, MailSource, Payload, Protocol, RawEmail, RoutedEmail
+from shared.models import (
+    Address,
+    DeliveryState,
+    Flag,
+    MailSource,
+    OutboundEmail,
+    Payload,
+    Protocol,
+    RawEmail,
+    RoutedEmail,
+)
 from shared.settings import Settings
 from shared.topology import RAW_KEY, Topology
 from tests.conftest import AMQP_URL
+from tests.support.outbound import publish_replies, statuses
 from tests.support.processes import Service, free_port, service_env
 from tests.support.queues import drain
+from tests.support.smtp import SmtpServer
 
 LIMIT = 3
 WINDOW = 600
@@ -223,3 +235,58 @@ def test_mail_in_a_later_window_starts_a_new_count(
 
     assert ["now 4"] == flagged(first)
     assert [] == flagged(second)
+
+
+# --- the sender's half: no automatic reply to a looping sender ---------------
+
+
+def test_an_automatic_reply_to_a_looping_sender_is_held_back(
+    catalog: Catalog,
+    settings: Settings,
+    smtp_server_factory: Callable[..., SmtpServer],
+    tmp_path: Path,
+) -> None:
+    smtp = smtp_server_factory("plain")
+    channel = catalog.add_channel(
+        "support",
+        address="support@example.test",
+        outbound=smtp.account().model_dump(mode="json"),
+    )
+    # What the routers counted: 25 messages from one sender in this window.
+    catalog.conn.execute(
+        "INSERT INTO sender_rates (channel_id, sender, window_start, messages) "
+        "VALUES (%s, 'looper@example.org', "
+        "to_timestamp(floor(extract(epoch FROM now()) / %s) * %s), 25)",
+        (channel.id, settings.loop_window_seconds, settings.loop_window_seconds),
+    )
+
+    def reply(key: str, to: str, *, automatic: bool) -> OutboundEmail:
+        return OutboundEmail(
+            idempotency_key=f"{key}-{uuid.uuid4().hex[:6]}",
+            channel_id=channel.id,
+            to=[Address(email=to)],
+            subject="We got your message",
+            text_body="Thank you.",
+            automatic=automatic,
+        )
+
+    held = reply("auto-looper", "Looper@Example.org", automatic=True)
+    by_person = reply("agent-looper", "looper@example.org", automatic=False)
+    calm = reply("auto-calm", "calm@example.org", automatic=True)
+
+    service = Service("sender", service_env(settings), tmp_path)
+    try:
+        publish_replies(settings, held, by_person, calm)
+        found = {s.idempotency_key: s for s in statuses(settings, 3)}
+        received = smtp.wait_for(2)
+    finally:
+        service.stop()
+
+    assert DeliveryState.FAILED == found[held.idempotency_key].state
+    assert "loop guard" in found[held.idempotency_key].detail
+    assert "looper@example.org" in found[held.idempotency_key].detail
+    assert DeliveryState.SENT == found[by_person.idempotency_key].state
+    assert DeliveryState.SENT == found[calm.idempotency_key].state
+    assert [["looper@example.org"], ["calm@example.org"]] == sorted(
+        [list(m.rcpt_tos) for m in received], reverse=True
+    )

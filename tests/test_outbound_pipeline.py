@@ -10,21 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from shared import blobs, broker, db
-from shared.broker import Outgoing, Publisher
+from shared import blobs, db
 from shared.catalog import Catalog, Channel
 from shared.models import (
     Address,
     DeliveryState,
-    DeliveryStatus,
     OutboundAttachment,
     OutboundEmail,
 )
 from shared.settings import Settings
-from shared.topology import OUTBOUND_KEY, Topology
-from tests.conftest import AMQP_URL
+from tests.support.outbound import publish_replies, statuses
 from tests.support.processes import Service, service_env
-from tests.support.queues import drain
 from tests.support.smtp import SmtpServer
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -54,32 +50,6 @@ def sender(settings: Settings, channel: Channel) -> Iterator[Service]:
     service = Service("sender", service_env(settings), ARTIFACTS)
     yield service
     service.stop()
-
-
-def publish(settings: Settings, *emails: OutboundEmail) -> None:
-    topology = Topology(prefix=settings.broker_prefix)
-    connection = broker.connect(AMQP_URL, attempts=3)
-    try:
-        broker.declare(connection, topology.declare)
-        Publisher(connection).publish_all(
-            [
-                Outgoing(
-                    topology.outbound_exchange,
-                    OUTBOUND_KEY,
-                    email.to_json(),
-                    email.idempotency_key,
-                )
-                for email in emails
-            ]
-        )
-    finally:
-        connection.release()
-
-
-def statuses(settings: Settings, count: int) -> list[DeliveryStatus]:
-    queue = Topology(prefix=settings.broker_prefix).status_queue
-    taken = drain(AMQP_URL, [queue], until=lambda t: len(t) >= count, timeout=60)
-    return [DeliveryStatus.model_validate_json(m.body) for m in taken]
 
 
 def attachment(settings: Settings, name: str, data: bytes) -> OutboundAttachment:
@@ -112,7 +82,7 @@ def test_an_outbound_email_arrives_at_the_smtp_server_with_its_headers_body_and_
         references=["<question-1@customer.example>"],
     )
 
-    publish(settings, reply)
+    publish_replies(settings, reply)
     [status] = statuses(settings, 1)
     [received] = smtp.wait_for(1, timeout=30)
 
@@ -148,7 +118,7 @@ def test_an_outbound_email_is_sent_once_however_often_it_is_published(
         text_body="Hi",
     )
 
-    publish(settings, email, email)
+    publish_replies(settings, email, email)
     states = sorted(s.state for s in statuses(settings, 2))
 
     assert [DeliveryState.DUPLICATE, DeliveryState.SENT] == states
@@ -167,7 +137,7 @@ def test_an_outbound_email_with_attachments_over_20_mib_is_refused_and_reported(
         attachments=[attachment(settings, "huge.bin", b"\x01" * (20 * MIB + 1))],
     )
 
-    publish(settings, too_big)
+    publish_replies(settings, too_big)
     [status] = statuses(settings, 1)
 
     assert DeliveryState.FAILED == status.state

@@ -44,10 +44,10 @@ from shared.settings import Settings
 from shared.xoauth2 import StoredToken
 from tests.support.dovecot import Dovecot
 from tests.support.graph_fake import GraphFake, RegisteredApp
+from tests.support.outbound import publish_replies
 from tests.support.processes import Service, service_env
 from tests.support.smtp import Mode, SmtpServer
 from tests.support.tls import TestPki
-from tests.test_outbound_pipeline import publish
 
 TENANT = "9d1e7c2a-4b3f-4e8d-a1c6-2f5b8e0d3a94"
 CLIENT_ID = "3c4d5e6f-7a8b-4c9d-8e0f-1a2b3c4d5e6f"
@@ -469,7 +469,7 @@ def test_the_sender_process_sends_by_xoauth2_and_keeps_the_rotated_token(
 
     service = Service("sender", service_env(settings), tmp_path)
     try:
-        publish(settings, *replies)
+        publish_replies(settings, *replies)
         smtp.wait_for(2, timeout=30)
     finally:
         service.stop()

@@ -93,18 +93,30 @@ class Sender(ConsumerWorker):
             return self._fail(
                 message, out, "", f"channel {out.channel_id} does not exist"
             )
-        if not isinstance(channel.outbound, SmtpAccount):
+        if channel.outbound is None:
             return self._fail(
                 message,
                 out,
                 "",
-                f"channel {channel.name!r} has no SMTP outbound account",
+                f"channel {channel.name!r} has no outbound account; add an SMTP "
+                "or Exchange Online account to send from it",
             )
 
         try:
             message_id = message_id_for(out.idempotency_key, _domain(channel.address))
         except MailroomError as exc:
             return self._fail(message, out, "", f"channel address: {exc}")
+        looping = self._looping_recipients(out)
+        if looping:
+            return self._fail(
+                message,
+                out,
+                message_id,
+                f"automatic reply held back by the loop guard: {', '.join(looping)} "
+                f"sent this channel more than {self.settings.loop_sender_limit} "
+                "messages in a window, most likely an auto-responder answering "
+                "ours; have a person answer instead",
+            )
         previous = self._claim(message, out, message_id)
         if previous is not None:
             return previous
@@ -131,6 +143,38 @@ class Sender(ConsumerWorker):
         return self._status(
             out, DeliveryState.SENT, Outcome.SENT, message_id, detail=summary, code=code
         )
+
+    def _looping_recipients(self, out: OutboundEmail) -> list[str]:
+        """Recipients of an automatic reply that the router found looping.
+
+        The router counts each sender's mail to a channel (sender_rates); an
+        automatic reply to one past the limit, in this window or the last,
+        would answer an auto-responder that answers us.
+        """
+        if not out.automatic:
+            return []
+        addresses = sorted(
+            {a.email.strip().lower() for a in (*out.to, *out.cc, *out.bcc)}
+        )
+        window = self.settings.loop_window_seconds
+        rows = self.db.execute(
+            """
+            SELECT DISTINCT sender FROM sender_rates
+            WHERE channel_id = %s AND sender = ANY(%s) AND messages > %s
+              AND window_start >= to_timestamp(
+                  floor(extract(epoch FROM now()) / %s) * %s - %s)
+            ORDER BY sender
+            """,
+            (
+                out.channel_id,
+                addresses,
+                self.settings.loop_sender_limit,
+                window,
+                window,
+                window,
+            ),
+        ).fetchall()
+        return [str(row["sender"]) for row in rows]
 
     def _deliver(
         self, channel: Channel, to: list[str], data: bytes
