@@ -4,12 +4,15 @@ processed mail, folders, throttling and sign-in errors."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from services.poller.fetched import Fetched
 from services.poller.graph import GraphMailbox
 from services.poller.graph_state import DeltaLinkStore
+from shared import broker
 from shared.catalog import Catalog
 from shared.errors import (
     ChannelAuthError,
@@ -17,7 +20,13 @@ from shared.errors import (
     ChannelError,
     ChannelProtocolError,
 )
+from shared.models import RawEmail
+from shared.settings import Settings
+from shared.topology import Topology
+from tests.conftest import AMQP_URL
 from tests.support.graph_fake import GraphFake, RegisteredApp
+from tests.support.processes import Service, service_env
+from tests.support.queues import drain
 
 TENANT = "5f8c1a9e-2b7d-4c1e-9a3f-0d6e8b2c4a71"
 CLIENT_ID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
@@ -415,3 +424,61 @@ def test_the_delta_link_store_keeps_the_latest_link_of_each_folder(
     assert "https://graph/delta?$deltatoken=2" == store.get("inbox-id")
     assert "https://graph/delta?$deltatoken=3" == store.get("junk-id")
     assert None is store.get("archive-id")
+
+
+def test_the_poller_process_reads_an_exchange_mailbox_once_and_marks_it_read(
+    graph_fake: GraphFake,
+    app: RegisteredApp,
+    catalog: Catalog,
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    graph_fake.add_folder(MAILBOX, "Orders", parent="inbox")
+    graph_fake.add_message(MAILBOX, "inbox", mime(1))
+    graph_fake.add_message(MAILBOX, "Orders", mime(2))
+    catalog.add_campaign("general", "General")
+    channel = catalog.add_channel(
+        "exchange",
+        address=MAILBOX,
+        default_campaign="general",
+        inbound=graph_fake.account(app, MAILBOX).model_dump(mode="json"),
+        secrets={"client_secret": SECRET},
+        sync_all_folders=True,
+    )
+    catalog.set_active(channel.id, True)
+    topology = Topology(prefix=settings.broker_prefix)
+    connection = broker.connect(AMQP_URL, attempts=3)
+    try:
+        broker.declare(connection, topology.declare)
+    finally:
+        connection.release()
+    queue = topology.raw_queue
+    env = service_env(settings)
+
+    poller = Service("poller", env, tmp_path)
+    try:
+        first = drain(AMQP_URL, [queue], until=lambda t: len(t) >= 2, timeout=30)
+        graph_fake.add_message(MAILBOX, "inbox", mime(3))
+        later = drain(AMQP_URL, [queue], until=lambda t: len(t) >= 1, timeout=30)
+        # Another round of polls finds nothing new.
+        time.sleep(2.5)
+        after = drain(AMQP_URL, [queue], until=lambda t: False, timeout=0.5)
+    finally:
+        poller.stop()
+
+    def subjects(taken: list[Any]) -> list[str]:
+        raws = [RawEmail.model_validate_json(m.body) for m in taken]
+        return sorted(
+            line.decode().removeprefix("Subject: ")
+            for raw in raws
+            for line in (raw.raw.data or b"").splitlines()
+            if line.startswith(b"Subject:")
+        )
+
+    assert ["question 1", "question 2"] == subjects(first)
+    assert ["question 3"] == subjects(later)
+    assert [] == after
+    read = [
+        m.is_read for f in ("inbox", "Orders") for m in graph_fake.messages(MAILBOX, f)
+    ]
+    assert [True, True, True] == read
