@@ -3,35 +3,51 @@
 Every process reads the same rows, so a change made here (activating a
 channel, adding a filter) reaches running workers without a restart. Every
 front end (the CLI, the admin API and its console) changes them through this
-class, so each rule is enforced in one place.
+class, so each rule is enforced in one place. The values it reads back are
+in ``catalog_models``, and its filter methods in ``catalog_filters``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
-from enum import Enum, StrEnum
+from collections.abc import Mapping
 from typing import Any
 
 import psycopg
-import regex
 from psycopg import sql
 from psycopg.types.json import Jsonb
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from shared.accounts import (
-    GraphAccount,
-    ImapAccount,
-    Pop3Account,
-    SmtpAccount,
     check_host,
     parse_inbound,
     parse_outbound,
 )
+from shared.catalog_filters import Filters
+from shared.catalog_models import (
+    KEEP,
+    Campaign,
+    Channel,
+    ChannelStatus,
+    Filter,
+    Keep,
+    channel_from_row,
+)
 from shared.db import DbConnection
 from shared.errors import NotFoundError, ValidationFailed
-from shared.models import MatchField
 from shared.secrets import SecretBox
+
+# Read back from here by every front end and worker.
+__all__ = [
+    "KEEP",
+    "Campaign",
+    "Catalog",
+    "Channel",
+    "ChannelStatus",
+    "Filter",
+    "Keep",
+    "check_address",
+]
 
 CHANNEL_COLUMNS = """
     c.id, c.name, c.address, c.default_campaign_id, c.active, c.inbound,
@@ -46,105 +62,7 @@ WORKING_SQL = """(
     AND coalesce(c.validation ->> 'ok', 'false') = 'true'
 )"""
 
-OPERATORS = ("contains", "not_contains", "regex")
 ADDRESS = re.compile(r"^[^@\s<>()\[\],;:\"\\]+@([^@\s]+)$")
-
-
-class Keep(Enum):
-    """Marks an argument of an update that leaves the stored value as it is."""
-
-    KEEP = "keep"
-
-
-KEEP = Keep.KEEP
-
-
-class ChannelStatus(StrEnum):
-    ACTIVE = "active"  # validated, and not failing since
-    INACTIVE = "inactive"  # never validated, validation failed, or polls fail
-
-
-class Campaign(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    id: int
-    key: str
-    name: str
-
-
-class Channel(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    id: int
-    name: str
-    address: str
-    default_campaign_id: int | None
-    active: bool
-    inbound: ImapAccount | Pop3Account | GraphAccount | None
-    outbound: SmtpAccount | GraphAccount | None
-    sync_all_folders: bool = False
-    sync_recipient_only: bool = False
-    filter_count: int = 0
-    last_validated_at: Any = None
-    validation: dict[str, Any] | None = None
-    last_poll_ok_at: Any = None
-    last_poll_error: str | None = None
-    consecutive_failures: int = 0
-
-    @property
-    def status(self) -> ChannelStatus:
-        working = (
-            self.consecutive_failures == 0
-            and self.last_validated_at is not None
-            and (self.validation or {}).get("ok") is True
-        )
-        return ChannelStatus.ACTIVE if working else ChannelStatus.INACTIVE
-
-    @property
-    def status_detail(self) -> str:
-        """Why the channel has its status, with the last error when failing."""
-        if self.consecutive_failures:
-            return (
-                f"polling failed {self.consecutive_failures} time(s) in a row: "
-                f"{self.last_poll_error or 'no error recorded'}"
-            )
-        if self.last_validated_at is None:
-            return "not validated yet"
-        if self.status is ChannelStatus.INACTIVE:
-            return f"validation failed: {_validation_error(self.validation or {})}"
-        if self.last_poll_ok_at is None:
-            return "validated; not polled yet"
-        return "validated and polling"
-
-
-class Filter(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    id: int
-    channel_id: int
-    position: int
-    field: MatchField
-    operator: str = Field(pattern=r"^(contains|not_contains|regex)$")
-    value: str
-    campaign_id: int
-    stop: bool = True
-
-
-def _validation_error(validation: Mapping[str, Any]) -> str:
-    for key in ("error", "message", "detail"):
-        if validation.get(key):
-            return str(validation[key])
-    return "no reason recorded"
-
-
-def _channel(row: dict[str, Any]) -> Channel:
-    inbound = parse_inbound(row["inbound"]) if row["inbound"] else None
-    outbound = parse_outbound(row["outbound"]) if row["outbound"] else None
-    return Channel(**{**row, "inbound": inbound, "outbound": outbound})
-
-
-def _filter(row: dict[str, Any]) -> Filter:
-    return Filter(**{k: v for k, v in row.items() if k != "created_at"})
 
 
 def _account_json(
@@ -192,32 +110,13 @@ def _check_recipient_rule(address: str, sync_recipient_only: bool) -> None:
         )
 
 
-def _filter_rule(field: str, operator: str, value: str) -> MatchField:
-    try:
-        match_field = MatchField(field)
-    except ValueError as exc:
-        raise ValidationFailed("field", "use sender, subject or body") from exc
-    if operator not in OPERATORS:
-        raise ValidationFailed("operator", "use contains, not_contains or regex")
-    if not value:
-        raise ValidationFailed("value", "a filter needs a keyword or pattern")
-    if operator == "regex":
-        try:
-            regex.compile(value, regex.IGNORECASE)
-        except (regex.error, ValueError, OverflowError, RecursionError) as exc:
-            raise ValidationFailed(
-                "value", f"not a valid regular expression ({exc}); correct it"
-            ) from exc
-    return match_field
-
-
 def _like(text: str) -> str:
     """A LIKE pattern matching ``text`` anywhere, its wildcards taken literally."""
     escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return f"%{escaped}%"
 
 
-class Catalog:
+class Catalog(Filters):
     """Reads and changes the configuration, enforcing the rules on the way in."""
 
     def __init__(self, conn: DbConnection, box: SecretBox | None = None):
@@ -414,14 +313,14 @@ class Catalog:
         ).fetchone()
         if row is None:
             raise NotFoundError(f"no channel {ref!r}; list them with `channel list`")
-        return _channel(row)
+        return channel_from_row(row)
 
     def channels(self, *, active_only: bool = False) -> list[Channel]:
         where = "WHERE c.active" if active_only else ""
         rows = self.conn.execute(
             f"SELECT {CHANNEL_COLUMNS} FROM channels c {where} ORDER BY c.id"  # noqa: S608
         ).fetchall()
-        return [_channel(r) for r in rows]
+        return [channel_from_row(r) for r in rows]
 
     def search_channels(
         self,
@@ -458,7 +357,7 @@ class Catalog:
             "SELECT {} FROM channels c WHERE {} ORDER BY lower(c.name), c.id"
         ).format(sql.SQL(CHANNEL_COLUMNS), sql.SQL(" AND ").join(conditions))
         rows = self.conn.execute(statement, params).fetchall()
-        return [_channel(r) for r in rows]
+        return [channel_from_row(r) for r in rows]
 
     def secrets(self, channel_id: int) -> dict[str, str]:
         row = self.conn.execute(
@@ -548,154 +447,3 @@ class Catalog:
     def delete_channel(self, ref: int | str) -> None:
         channel = self.channel(ref)
         self.conn.execute("DELETE FROM channels WHERE id = %s", (channel.id,))
-
-    # Filters
-
-    def add_filter(
-        self,
-        channel: int | str,
-        field: str,
-        value: str,
-        campaign: int | str,
-        operator: str = "contains",
-        stop: bool = True,
-    ) -> Filter:
-        channel_id = self.channel(channel).id
-        match_field = _filter_rule(field, operator, value)
-        campaign_id = self.campaign(campaign).id
-        row = self.conn.execute(
-            """
-            INSERT INTO filters (channel_id, position, field, operator, value,
-                                 campaign_id, stop)
-            SELECT %s, coalesce(max(position), 0) + 1, %s, %s, %s, %s, %s
-            FROM filters WHERE channel_id = %s
-            RETURNING *
-            """,
-            (channel_id, match_field, operator, value, campaign_id, stop, channel_id),
-        ).fetchone()
-        assert row is not None
-        return _filter(row)
-
-    def filters(self, channel: int | str | None = None) -> list[Filter]:
-        if channel is None:
-            rows = self.conn.execute(
-                "SELECT * FROM filters ORDER BY channel_id, position"
-            ).fetchall()
-        else:
-            rows = self.conn.execute(
-                "SELECT * FROM filters WHERE channel_id = %s ORDER BY position",
-                (self.channel(channel).id,),
-            ).fetchall()
-        return [_filter(r) for r in rows]
-
-    def filter(self, filter_id: int) -> Filter:
-        row = self.conn.execute(
-            "SELECT * FROM filters WHERE id = %s", (filter_id,)
-        ).fetchone()
-        if row is None:
-            raise NotFoundError(f"no filter {filter_id}; list them with `filter list`")
-        return _filter(row)
-
-    def update_filter(
-        self,
-        filter_id: int,
-        *,
-        field: str | Keep = KEEP,
-        operator: str | Keep = KEEP,
-        value: str | Keep = KEEP,
-        campaign: int | str | Keep = KEEP,
-        stop: bool | Keep = KEEP,
-    ) -> Filter:
-        current = self.filter(filter_id)
-        match_field = _filter_rule(
-            current.field if isinstance(field, Keep) else field,
-            current.operator if isinstance(operator, Keep) else operator,
-            current.value if isinstance(value, Keep) else value,
-        )
-        campaign_id = (
-            current.campaign_id
-            if isinstance(campaign, Keep)
-            else self.campaign(campaign).id
-        )
-        row = self.conn.execute(
-            """
-            UPDATE filters SET field = %s, operator = %s, value = %s,
-                campaign_id = %s, stop = %s
-            WHERE id = %s RETURNING *
-            """,
-            (
-                match_field,
-                current.operator if isinstance(operator, Keep) else operator,
-                current.value if isinstance(value, Keep) else value,
-                campaign_id,
-                current.stop if isinstance(stop, Keep) else stop,
-                filter_id,
-            ),
-        ).fetchone()
-        if row is None:
-            raise NotFoundError(f"no filter {filter_id}; it was deleted meanwhile")
-        return _filter(row)
-
-    def reorder_filters(
-        self, channel: int | str, filter_ids: Sequence[int]
-    ) -> list[Filter]:
-        """Put the channel's filters in the order given, which must name each once."""
-        channel_id = self.channel(channel).id
-        with self.conn.transaction():
-            rows = self.conn.execute(
-                "SELECT id FROM filters WHERE channel_id = %s ORDER BY position "
-                "FOR UPDATE",
-                (channel_id,),
-            ).fetchall()
-            existing = [r["id"] for r in rows]
-            if sorted(existing) != sorted(filter_ids):
-                raise ValidationFailed(
-                    "filter_ids",
-                    f"name each of the channel's filters once, in the new order; "
-                    f"its filters are {existing}",
-                )
-            self._renumber(list(filter_ids))
-        return self.filters(channel_id)
-
-    def move_filter(self, filter_id: int, position: int) -> list[Filter]:
-        """Move a filter to ``position`` (from 1) of its channel's list."""
-        item = self.filter(filter_id)
-        with self.conn.transaction():
-            rows = self.conn.execute(
-                "SELECT id FROM filters WHERE channel_id = %s ORDER BY position "
-                "FOR UPDATE",
-                (item.channel_id,),
-            ).fetchall()
-            order = [r["id"] for r in rows if r["id"] != filter_id]
-            if not 1 <= position <= len(order) + 1:
-                raise ValidationFailed(
-                    "position", f"use a position from 1 to {len(order) + 1}"
-                )
-            order.insert(position - 1, filter_id)
-            self._renumber(order)
-        return self.filters(item.channel_id)
-
-    def _renumber(self, ordered_ids: list[int]) -> None:
-        # The unique (channel, position) constraint is checked at commit, so
-        # positions may collide while the rows are rewritten one by one.
-        self.conn.execute(
-            """
-            UPDATE filters SET position = o.position
-            FROM unnest(%s::bigint[]) WITH ORDINALITY AS o(id, position)
-            WHERE filters.id = o.id
-            """,
-            (ordered_ids,),
-        )
-
-    def delete_filter(self, filter_id: int) -> None:
-        with self.conn.transaction():
-            deleted = self.conn.execute(
-                "DELETE FROM filters WHERE id = %s RETURNING channel_id", (filter_id,)
-            ).fetchone()
-            if deleted is None:
-                raise NotFoundError(f"no filter {filter_id}")
-            rest = self.conn.execute(
-                "SELECT id FROM filters WHERE channel_id = %s ORDER BY position",
-                (deleted["channel_id"],),
-            ).fetchall()
-            self._renumber([r["id"] for r in rest])
