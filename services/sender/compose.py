@@ -7,9 +7,9 @@ hold ``=_``, which neither encoding can produce. The standard library encodes
 and folds the headers. Some Python releases (3.11.7 among them) can fold a
 header so that an encoded line break comes out as a real one, which lets a
 crafted value add headers or recipients. So every header value and address
-is checked before it goes in, and every generated header block is parsed
-back and compared with what was meant: a message that would say more than
-intended is refused, not sent.
+is checked before it goes in, and ``compose_check.verify`` parses every
+generated header block back and compares it with what was meant: a message
+that would say more than intended is refused, not sent.
 """
 
 from __future__ import annotations
@@ -21,17 +21,22 @@ import io
 import re
 import secrets
 import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import policy
 from email.errors import MessageError
 from email.headerregistry import Address as MailAddress
 from email.message import EmailMessage
-from email.parser import BytesHeaderParser
 from email.utils import format_datetime
-from typing import NoReturn
 
+from services.sender.compose_check import (
+    MIME_VERSION,
+    TEXT_HEADERS,
+    Intended,
+    Shape,
+    verify,
+)
 from shared.accounts import HOSTNAME
 from shared.errors import MessageRejected, PermanentDeliveryError
 from shared.models import Address, OutboundAttachment, OutboundEmail
@@ -46,37 +51,15 @@ MESSAGE_ID = re.compile(r"^<[!-;=?-~]+>$")
 CONTENT_TYPE = re.compile(
     r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$"
 )
-FIELD = re.compile(rb"^[!-9;-~]+:")
 # Categories of characters no header value may hold: control characters
 # (CR, LF, NUL, NEL...), line and paragraph separators, lone surrogates.
 FORBIDDEN = frozenset({"Cc", "Zl", "Zp", "Cs"})
-PART_FIELDS = frozenset(
-    {"content-type", "content-transfer-encoding", "content-disposition"}
-)
 # Top-level multiparts cannot be attached as they are: their structure would
 # merge with the message's own.
 OPAQUE_TYPES = ("multipart/", "message/")
 
 # 57 bytes make one 76-character base64 line; 16,384 lines at a time.
 BASE64_SLICE = 57 * 16384
-MIME_VERSION = b"MIME-Version: 1.0\r\n"
-TEXT_TYPES = ("text/plain", "text/html")
-TEXT_HEADERS = (
-    b'Content-Type: %s; charset="utf-8"\r\n'
-    b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
-)
-TEXT_BLOCKS = {
-    TEXT_HEADERS % subtype.encode("ascii"): subtype for subtype in TEXT_TYPES
-}
-MULTIPART_BLOCK = re.compile(
-    rb'Content-Type: (multipart/(?:mixed|alternative)); boundary="(=_[0-9a-f]{24})"'
-    rb"\r\n\r\n"
-)
-HEADER_PARSER = BytesHeaderParser(policy=policy.default)
-
-Intended = str | list[tuple[str, str]]
-# A part as a parser reads it: content type, filename, subparts.
-Shape = tuple[str, str | None, tuple["Shape", ...]]
 
 
 def compose(
@@ -106,7 +89,7 @@ def compose(
             "subject and attachment names"
         ) from exc
 
-    _verify(raw, headers, body.shape())
+    verify(raw, headers, body.shape())
     return raw
 
 
@@ -384,162 +367,3 @@ def _attachment(info: OutboundAttachment, data: bytes) -> tuple[str, str, bytes]
         content_type = "application/octet-stream"
 
     return filename, content_type, data
-
-
-def _verify(raw: bytes, headers: list[tuple[str, Intended]], shape: Shape) -> None:
-    """Refuse ``raw`` unless it parses back to exactly what was intended.
-
-    Only the header blocks are parsed: bodies are found by their boundary
-    lines, the way a MIME parser finds them, and every occurrence of a
-    boundary in the message must be one of those lines.
-    """
-    if not raw.isascii():
-        _refuse("it is not plain ASCII")
-
-    end = raw.find(b"\r\n\r\n")
-    if end < 0:
-        _refuse("it has no end of headers")
-
-    # The message's own headers come first, then the MIME ones, which are
-    # checked as those of a part are.
-    _field_names(raw[:end])
-    mime = raw.rfind(b"\r\n" + MIME_VERSION, 0, end + 2)
-    if mime < 0:
-        _refuse("it has no MIME-Version header where it belongs")
-
-    found = _field_names(raw[:mime])
-    intended = [name.lower() for name, _ in headers]
-    if sorted(found) != sorted(intended):
-        _refuse(f"its headers are {found}, not {intended}")
-
-    parsed = _parse_headers(raw[:mime])
-    for name, value in headers:
-        if _parsed_value(parsed, name) != _normalized(value):
-            _refuse(f"its {name} header does not read back as written")
-
-    if _part(raw, mime + 2 + len(MIME_VERSION), len(raw)) != shape:
-        _refuse("its parts or attachments do not read back as written")
-
-
-def _shape(raw: bytes, parsed: EmailMessage, start: int, end: int) -> Shape:
-    """What a parser makes of the part whose body is ``raw[start:end]``."""
-    content_type = parsed.get_content_type()
-    filename = _filename(parsed)
-    if not content_type.startswith("multipart/"):
-        return content_type, filename, ()
-
-    boundary = parsed.get_boundary()
-    if not boundary:
-        _refuse("a multipart has no boundary")
-
-    return content_type, filename, tuple(_parts(raw, boundary, start, end))
-
-
-def _parts(raw: bytes, boundary: str, start: int, end: int) -> Iterator[Shape]:
-    delimiter = b"--" + boundary.encode("ascii")
-    where = raw.find(delimiter, start, end)
-    if where != start:
-        _refuse("a multipart does not start with its boundary")
-
-    while True:
-        after = where + len(delimiter)
-        if raw.startswith(b"--\r\n", after, end) and after + 4 == end:
-            return
-
-        if not raw.startswith(b"\r\n", after, end):
-            _refuse("a boundary line holds more than the boundary")
-
-        following = raw.find(delimiter, after, end)
-        if following < 0 or raw[following - 2 : following] != b"\r\n":
-            _refuse("a boundary appears inside a part")
-
-        yield _part(raw, after + 2, following - 2)
-        where = following
-
-
-def _part(raw: bytes, start: int, end: int) -> Shape:
-    head_end = raw.find(b"\r\n\r\n", start, end)
-    if head_end < 0:
-        _refuse("a part has no end of headers")
-
-    # The header blocks of text parts and multiparts hold no value from the
-    # message, so they are compared as bytes; only attachments need parsing.
-    block = raw[start : head_end + 4]
-    if block in TEXT_BLOCKS:
-        return TEXT_BLOCKS[block], None, ()
-
-    multipart = MULTIPART_BLOCK.fullmatch(block)
-    if multipart is not None:
-        content_type, boundary = (group.decode("ascii") for group in multipart.groups())
-        return content_type, None, tuple(_parts(raw, boundary, head_end + 4, end))
-
-    names = _field_names(raw[start:head_end])
-    if len(set(names)) != len(names) or not set(names) <= PART_FIELDS:
-        _refuse(f"a part has the headers {names}")
-
-    parsed = _parse_headers(raw[start:head_end])
-    return _shape(raw, parsed, head_end + 4, end)
-
-
-def _parse_headers(head: bytes) -> EmailMessage:
-    parsed = HEADER_PARSER.parsebytes(head + b"\r\n\r\n")
-    assert isinstance(parsed, EmailMessage)
-    return parsed
-
-
-def _field_names(head: bytes) -> list[str]:
-    names: list[str] = []
-    for line in head.split(b"\r\n"):
-        if b"\r" in line or b"\n" in line or b"\x00" in line:
-            _refuse("a header holds a bare line break")
-
-        if line[:1] in (b" ", b"\t") and names:
-            continue
-
-        field = FIELD.match(line)
-        if field is None:
-            _refuse("a header line is neither a field nor a continuation")
-
-        names.append(field.group()[:-1].decode("ascii").lower())
-
-    return names
-
-
-def _filename(part: EmailMessage) -> str | None:
-    # get_filename() strips quotes and angle brackets a name may really have.
-    disposition = part.get("Content-Disposition")
-    params = getattr(disposition, "params", {})
-    return params.get("filename")
-
-
-def _parsed_value(parsed: EmailMessage, name: str) -> Intended:
-    found = parsed.get_all(name, [])
-    if len(found) != 1:
-        return []
-
-    header = found[0]
-    if hasattr(header, "addresses"):
-        return _normalized([(a.display_name, a.addr_spec) for a in header.addresses])
-
-    return _normalized(str(header))
-
-
-def _normalized(value: Intended) -> Intended:
-    """``value`` without the white space folding may change.
-
-    The standard parser puts a space between adjacent encoded words of a
-    display name, where RFC 2047 says there is none; so names compare
-    without white space, addresses exactly.
-    """
-    if isinstance(value, str):
-        return " ".join(value.split())
-
-    return [("".join(name.split()), email) for name, email in value]
-
-
-def _refuse(reason: str) -> NoReturn:
-    raise MessageRejected(
-        f"the composed message was not sent because {reason}: a value tried "
-        "to add headers or recipients, or holds text that looks like an "
-        "encoded word (=?...?=); change it and send again"
-    )
