@@ -41,7 +41,7 @@ from shared.errors import (
 from shared.models import Address, OutboundEmail
 from shared.oauth import IMAP_SCOPES, SMTP_SCOPES, HttpSession, TokenSource
 from shared.settings import Settings
-from shared.xoauth2 import StoredToken
+from shared.xoauth2 import Bearers, StoredToken
 from tests.support.dovecot import Dovecot
 from tests.support.graph_fake import GraphFake, RegisteredApp
 from tests.support.outbound import publish_replies
@@ -520,3 +520,19 @@ def test_an_smtp_relay_needs_no_username_but_xoauth2_does() -> None:
         SmtpAccount(host="127.0.0.1", port=25, oauth2=TokenLogin())
 
     assert "" == relay.username
+
+
+def test_a_bearer_is_kept_between_polls_until_its_secret_changes_elsewhere() -> None:
+    bearers = Bearers(timeout=5)
+    login = TokenLogin()
+    stored = {"inbound_access_token": "first", "inbound_password": "unused"}
+
+    first = bearers.get(7, "inbound", login, IMAP_SCOPES, stored)
+    again = bearers.get(7, "inbound", login, IMAP_SCOPES, {**stored, "x": "y"})
+    renewed = bearers.get(
+        7, "inbound", login, IMAP_SCOPES, {**stored, "inbound_access_token": "second"}
+    )
+
+    assert first is again
+    assert renewed is not first
+    assert "second" == renewed.access_token()
