@@ -135,6 +135,7 @@ class ImapAccount(_ServerAccount):
 
 class Pop3Account(_ServerAccount):
     type: Literal["pop3"] = "pop3"
+    oauth2: OAuth2Login | None = Field(None, description=OAUTH2_DESCRIPTION)
 
 
 class SmtpAccount(_ServerAccount):

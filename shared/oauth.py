@@ -53,6 +53,11 @@ IMAP_SCOPES = Scopes(
     "IMAP.AccessAsUser.All (delegated) or IMAP.AccessAsApp (Office 365 Exchange "
     "Online)",
 )
+POP3_SCOPES = Scopes(
+    (OUTLOOK_APP,),
+    (f"{OUTLOOK}POP.AccessAsUser.All",),
+    "POP.AccessAsUser.All (delegated) or POP.AccessAsApp (Office 365 Exchange Online)",
+)
 SMTP_SCOPES = Scopes(
     (OUTLOOK_APP,),
     (f"{OUTLOOK}SMTP.Send",),

@@ -9,8 +9,9 @@ direction between polls and sends.
 from __future__ import annotations
 
 import base64
+import poplib
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from shared.accounts import GraphAccount, MicrosoftLogin, TokenLogin
 from shared.errors import ChannelAuthError
@@ -137,3 +138,30 @@ class Bearers:
     def forget(self, channel_id: int) -> None:
         for direction in ("inbound", "outbound"):
             self._kept.pop((channel_id, direction), None)
+
+
+def pop3_xoauth2(session: poplib.POP3, username: str, token: str) -> None:
+    """AUTH XOAUTH2 on a POP3 session (SASL as RFC 5034 adds it).
+
+    poplib has no AUTH command, and its one-line replies would take a
+    ``+ `` challenge for ``+OK``; so the exchange is written out here. A
+    refused token comes back as a challenge holding the error, which ``*``
+    cancels; poplib.error_proto is raised with the server's last reply.
+    """
+    # poplib's own line reader and writer, which its typing stubs leave out.
+    lines: Any = session
+    lines._putcmd(f"AUTH XOAUTH2 {xoauth2_b64(username, token)}")
+    reply = lines._getline()[0]
+    if reply == b"+" or reply.startswith(b"+ "):
+        lines._putcmd("*")
+        reply = lines._getline()[0]
+    if not reply.startswith(b"+OK"):
+        raise poplib.error_proto(reply)
+
+
+def pop3_offers_xoauth2(session: poplib.POP3) -> bool:
+    try:
+        mechanisms = session.capa().get("SASL", [])
+    except poplib.error_proto:
+        return False
+    return "XOAUTH2" in (m.upper() for m in mechanisms)

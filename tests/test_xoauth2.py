@@ -29,9 +29,16 @@ from services.admin.oauth import (
 from services.admin.validation import validate_channel
 from services.admin.validation_verdicts import Kind
 from services.poller.imap import ImapMailbox
+from services.poller.pop3 import Pop3Mailbox
 from services.poller.worker import Poller
 from services.sender.smtp import SmtpConnection
-from shared.accounts import ImapAccount, MicrosoftLogin, SmtpAccount, TokenLogin
+from shared.accounts import (
+    ImapAccount,
+    MicrosoftLogin,
+    Pop3Account,
+    SmtpAccount,
+    TokenLogin,
+)
 from shared.catalog import Catalog, Channel
 from shared.errors import (
     ChannelAuthError,
@@ -39,7 +46,13 @@ from shared.errors import (
     TemporaryDeliveryError,
 )
 from shared.models import Address, OutboundEmail
-from shared.oauth import IMAP_SCOPES, SMTP_SCOPES, HttpSession, TokenSource
+from shared.oauth import (
+    IMAP_SCOPES,
+    POP3_SCOPES,
+    SMTP_SCOPES,
+    HttpSession,
+    TokenSource,
+)
 from shared.settings import Settings
 from shared.xoauth2 import Bearers, StoredToken
 from tests.support.dovecot import Dovecot
@@ -53,7 +66,12 @@ TENANT = "9d1e7c2a-4b3f-4e8d-a1c6-2f5b8e0d3a94"
 CLIENT_ID = "3c4d5e6f-7a8b-4c9d-8e0f-1a2b3c4d5e6f"
 SECRET = "Qz8~mail.secret~abcdefghijABCDEFGHIJ0123"
 REDIRECT = "https://mailroom.contoso.example/api/oauth/callback"
-PERMISSIONS = ("IMAP.AccessAsUser.All", "SMTP.Send", "SMTP.SendAsApp")
+PERMISSIONS = (
+    "IMAP.AccessAsUser.All",
+    "POP.AccessAsUser.All",
+    "SMTP.Send",
+    "SMTP.SendAsApp",
+)
 
 
 @pytest.fixture(scope="module")
@@ -536,3 +554,54 @@ def test_a_bearer_is_kept_between_polls_until_its_secret_changes_elsewhere() -> 
     assert first is again
     assert renewed is not first
     assert "second" == renewed.access_token()
+
+
+# POP3
+
+
+def pop3_account(server: Dovecot, user: str, oauth2: Any) -> Pop3Account:
+    return Pop3Account(
+        host=server.host,
+        port=server.pop3s_port,
+        security="tls",
+        username=user,
+        ca_file=str(server.pki.ca_file),
+        oauth2=oauth2,
+    )
+
+
+def test_a_pop3_mailbox_is_read_by_xoauth2_and_a_forged_token_refused(
+    fake: GraphFake, app: RegisteredApp, oauth_dovecot: Dovecot, user: str
+) -> None:
+    oauth_dovecot.append(user, message("by pop3"))
+    account = pop3_account(oauth_dovecot, user, login(fake, app))
+    bearer = source(
+        fake, account.oauth2, authorise(channel_of(inbound=account), fake.pki),
+        POP3_SCOPES,
+    )  # fmt: skip
+    forged = StoredToken({"inbound_access_token": "forged"}, "inbound_access_token")
+
+    with Pop3Mailbox(account, bearer, timeout=10) as mailbox:
+        listed = mailbox.listing()
+    with pytest.raises(ChannelAuthError) as caught:
+        Pop3Mailbox(
+            pop3_account(oauth_dovecot, user, TokenLogin()), forged, timeout=10
+        ).__enter__()
+
+    assert 1 == len(listed)
+    assert "refused the OAuth token" in str(caught.value)
+
+
+def test_validate_logs_in_to_pop3_by_xoauth2(
+    fake: GraphFake, app: RegisteredApp, oauth_dovecot: Dovecot, user: str
+) -> None:
+    inbound = pop3_account(oauth_dovecot, user, login(fake, app))
+    item = channel_of(inbound=inbound)
+    secrets = authorise(item, fake.pki)
+
+    report = validate_channel(
+        item, secrets, Settings(metrics_port=0), allow_private=True, step_seconds=10
+    )
+
+    assert Kind.OK == report.inbound.kind, report.inbound.message
+    assert "POP3" in report.inbound.message

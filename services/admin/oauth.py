@@ -26,6 +26,7 @@ from shared.accounts import (
     ImapAccount,
     MicrosoftApp,
     MicrosoftLogin,
+    Pop3Account,
     SmtpAccount,
 )
 from shared.catalog import Catalog, Channel
@@ -33,6 +34,7 @@ from shared.errors import ChannelAuthError, ValidationFailed
 from shared.oauth import (
     GRAPH_SCOPES,
     IMAP_SCOPES,
+    POP3_SCOPES,
     SMTP_SCOPES,
     HttpSession,
     Scopes,
@@ -40,6 +42,11 @@ from shared.oauth import (
     sign_in_problem,
 )
 
+MAIL_SCOPES: dict[type, Scopes] = {
+    ImapAccount: IMAP_SCOPES,
+    Pop3Account: POP3_SCOPES,
+    SmtpAccount: SMTP_SCOPES,
+}
 # Time allowed for each request to Azure AD while an administrator waits.
 TIMEOUT_SECONDS = 30.0
 # How long an administrator has to sign in once the sign-in is started.
@@ -74,11 +81,10 @@ def channel_sign_in(channel: Channel) -> SignIn:
     for direction, account in accounts:
         if isinstance(account, GraphAccount):
             found.append((direction, account, GRAPH_SCOPES))
-        elif isinstance(account, ImapAccount | SmtpAccount) and isinstance(
-            account.oauth2, MicrosoftLogin
+        elif isinstance(account, ImapAccount | Pop3Account | SmtpAccount) and (
+            isinstance(account.oauth2, MicrosoftLogin)
         ):
-            scopes = IMAP_SCOPES if isinstance(account, ImapAccount) else SMTP_SCOPES
-            found.append((direction, account.oauth2, scopes))
+            found.append((direction, account.oauth2, MAIL_SCOPES[type(account)]))
 
     delegated = [item for item in found if item[1].auth_flow == "authorization_code"]
     if not found:
@@ -86,7 +92,8 @@ def channel_sign_in(channel: Channel) -> SignIn:
             "authorisation",
             "no account of this channel signs in with Microsoft, so there is "
             "nothing to authorise: Save and authorise is for Exchange Online "
-            "accounts, and IMAP or SMTP accounts with oauth2 provider 'microsoft'",
+            "accounts, and IMAP, POP3 or SMTP accounts with oauth2 provider "
+            "'microsoft'",
         )
     if not delegated:
         raise ValidationFailed(

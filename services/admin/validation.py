@@ -36,7 +36,7 @@ from shared.accounts import ImapAccount, Pop3Account, SmtpAccount
 from shared.catalog import Catalog, Channel
 from shared.db import DbConnection
 from shared.logs import get_logger
-from shared.oauth import IMAP_SCOPES, SMTP_SCOPES
+from shared.oauth import IMAP_SCOPES, POP3_SCOPES, SMTP_SCOPES
 from shared.secrets import SecretBox
 from shared.settings import Settings
 
@@ -196,7 +196,14 @@ def _inbound(channel: Channel, credentials: Credentials, dialer: Dialer) -> Verd
             token=token,
         )
     if isinstance(account, Pop3Account):
-        return probe_pop3(account, credentials.get("inbound_password"), dialer)
+        token = None
+        if account.oauth2 is not None:
+            token = mail_token(
+                account.oauth2, "inbound", POP3_SCOPES, credentials, dialer
+            )
+        return probe_pop3(
+            account, credentials.get("inbound_password"), dialer, token=token
+        )
     return probe_graph(account, "inbound", credentials, dialer)
 
 

@@ -26,6 +26,7 @@ from services.admin.validation_network import (
 )
 from services.admin.validation_verdicts import Kind, StepFailed, Verdict
 from shared.accounts import Pop3Account, Security
+from shared.xoauth2 import pop3_offers_xoauth2, pop3_xoauth2
 
 
 class _Pop3(poplib.POP3):
@@ -61,11 +62,17 @@ class _Pop3(poplib.POP3):
             raise
 
 
-def probe_pop3(account: Pop3Account, password: str, dialer: Dialer) -> Verdict:
-    """Connect, log in, and check STAT and UIDL, which polling needs."""
+def probe_pop3(
+    account: Pop3Account, password: str, dialer: Dialer, *, token: str | None = None
+) -> Verdict:
+    """Connect, log in, and check STAT and UIDL, which polling needs.
+
+    With ``token`` the login is XOAUTH2 with that access token.
+    """
     endpoint = Endpoint("inbound", "POP3", account.host, account.port)
     context = client_tls(account.verify_tls, account.ca_file, endpoint)
-    require_password(password, endpoint)
+    if token is None:
+        require_password(password, endpoint)
 
     seconds = dialer.budget.step()
     implicit = context if account.security is Security.TLS else None
@@ -84,7 +91,10 @@ def probe_pop3(account: Pop3Account, password: str, dialer: Dialer) -> Verdict:
     try:
         if account.security is Security.STARTTLS:
             _pop3_stls(session, context, endpoint, dialer)
-        _pop3_login(session, account.username, password, endpoint, dialer)
+        if token is None:
+            _pop3_login(session, account.username, password, endpoint, dialer)
+        else:
+            _pop3_token_login(session, account.username, token, endpoint, dialer)
         count = _pop3_listing(session, endpoint, dialer)
     except BaseException:
         # Without QUIT nothing is committed, and nothing waits once more.
@@ -139,6 +149,39 @@ def _pop3_login(
         ) from exc
     except OSError as exc:
         raise failure(exc, endpoint, "logging in", seconds) from exc
+
+
+def _pop3_token_login(
+    session: poplib.POP3,
+    username: str,
+    token: str,
+    endpoint: Endpoint,
+    dialer: Dialer,
+) -> None:
+    seconds = next_step(session.sock, dialer)
+    try:
+        offered = pop3_offers_xoauth2(session)
+        if offered:
+            pop3_xoauth2(session, username, token)
+    except poplib.error_proto as exc:
+        raise StepFailed(
+            Kind.AUTH_FAILURE,
+            f"{endpoint} refused the OAuth token for {username!r} "
+            f"({server_words(exc)}); check that the username is the mailbox the "
+            "token is for, that the app has the POP permission, and that the "
+            "mailbox allows POP3",
+            endpoint.field("oauth2"),
+        ) from exc
+    except OSError as exc:
+        raise failure(exc, endpoint, "logging in", seconds) from exc
+    if not offered:
+        raise StepFailed(
+            Kind.AUTH_FAILURE,
+            f"{endpoint} does not offer SASL XOAUTH2 on this connection; many "
+            "servers offer it only over TLS: check the security setting, or sign "
+            "in with a password",
+            endpoint.field("security"),
+        )
 
 
 def _pop3_listing(session: poplib.POP3, endpoint: Endpoint, dialer: Dialer) -> int:

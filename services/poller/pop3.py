@@ -16,6 +16,7 @@ from services.poller.imap import connect_failure, tls_context
 from shared.accounts import Pop3Account, Security
 from shared.errors import ChannelAuthError, ChannelConnectError, ChannelProtocolError
 from shared.models import MailSource, Protocol
+from shared.xoauth2 import Bearer, pop3_offers_xoauth2, pop3_xoauth2
 
 # poplib refuses lines over 2048 bytes, yet real mail has longer lines (HTML
 # without line breaks); a line is allowed up to this many bytes instead.
@@ -47,10 +48,13 @@ class _Tls(_Plain, poplib.POP3_SSL):
 class Pop3Mailbox:
     """One logged-in POP3 session; use it as a context manager."""
 
-    def __init__(self, account: Pop3Account, password: str, *, timeout: float):
+    def __init__(
+        self, account: Pop3Account, credential: str | Bearer, *, timeout: float
+    ):
+        """``credential`` is the password, or the bearer of an XOAUTH2 login."""
         self.account = account
         self.timeout = timeout
-        self._password = password
+        self._credential = credential
         self._session: poplib.POP3 | None = None
         self._where = f"POP3 server {account.host}:{account.port}"
 
@@ -193,14 +197,46 @@ class Pop3Mailbox:
             raise connect_failure(exc, self._where, self.timeout) from exc
 
     def _log_in(self, session: poplib.POP3) -> None:
+        if not isinstance(self._credential, str):
+            self._log_in_with_token(session, self._credential)
+            return
         try:
             session.user(self.account.username)
-            session.pass_(self._password)
+            session.pass_(self._credential)
         except poplib.error_proto as exc:
             raise ChannelAuthError(
                 f"{self._where} refused the login of {self.account.username!r} "
                 f"({_reply(exc)}); check the user name and password, and that "
                 "the mailbox allows POP3 with a password"
+            ) from exc
+        except OSError as exc:
+            raise self._lost("logging in", exc) from exc
+
+    def _log_in_with_token(self, session: poplib.POP3, bearer: Bearer) -> None:
+        """AUTH XOAUTH2; a refused token is renewed and tried once more."""
+        username = self.account.username
+        try:
+            if not pop3_offers_xoauth2(session):
+                raise ChannelAuthError(
+                    f"{self._where} does not offer SASL XOAUTH2 on this "
+                    "connection; sign in with a password instead, or check the "
+                    "security setting: many servers offer it only over TLS"
+                )
+            token = bearer.access_token()
+            try:
+                pop3_xoauth2(session, username, token)
+            except poplib.error_proto:
+                bearer.forget_token()
+                renewed = bearer.access_token()
+                if renewed == token:
+                    raise
+                pop3_xoauth2(session, username, renewed)
+        except poplib.error_proto as exc:
+            raise ChannelAuthError(
+                f"{self._where} refused the OAuth token for {username!r} "
+                f"({_reply(exc)}); check that the user name is the mailbox the "
+                "token is for, that the app has the POP permission, and that the "
+                "mailbox allows POP3"
             ) from exc
         except OSError as exc:
             raise self._lost("logging in", exc) from exc

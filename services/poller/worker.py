@@ -56,7 +56,7 @@ from shared.metrics import (
     forget_channel,
 )
 from shared.models import RawEmail
-from shared.oauth import IMAP_SCOPES
+from shared.oauth import IMAP_SCOPES, POP3_SCOPES
 from shared.secrets import SecretBox
 from shared.settings import Settings
 from shared.topology import RAW_KEY, Topology
@@ -262,7 +262,6 @@ class Poller(Reconnecting):
 
     def _poll(self, channel: Channel, secrets: dict[str, str]) -> int:
         account = channel.inbound
-        password = secrets.get("inbound_password", "")
         timeout = self.settings.smtp_timeout_seconds
         if isinstance(account, ImapAccount):
             credential = self._credential(channel, secrets)
@@ -275,8 +274,15 @@ class Poller(Reconnecting):
                         channel.id, secrets, credential.updated_secrets
                     )
         if isinstance(account, Pop3Account):
-            with Pop3Mailbox(account, password, timeout=timeout) as pop3:
-                return self._poll_pop3(channel, pop3)
+            credential = self._credential(channel, secrets)
+            try:
+                with Pop3Mailbox(account, credential, timeout=timeout) as pop3:
+                    return self._poll_pop3(channel, pop3)
+            finally:
+                if not isinstance(credential, str):
+                    self.catalog.keep_rotated_secrets(
+                        channel.id, secrets, credential.updated_secrets
+                    )
         if isinstance(account, GraphAccount):
             with GraphMailbox(account, secrets, timeout=timeout) as graph:
                 try:
@@ -367,14 +373,14 @@ class Poller(Reconnecting):
         return published
 
     def _credential(self, channel: Channel, secrets: dict[str, str]) -> str | Bearer:
-        """The IMAP account's password, or the bearer of its XOAUTH2 login."""
+        """The IMAP or POP3 account's password, or the bearer of its XOAUTH2
+        login."""
         account = channel.inbound
-        assert isinstance(account, ImapAccount)
+        assert isinstance(account, ImapAccount | Pop3Account)
         if account.oauth2 is None:
             return secrets.get("inbound_password", "")
-        return self.bearers.get(
-            channel.id, "inbound", account.oauth2, IMAP_SCOPES, secrets
-        )
+        scopes = IMAP_SCOPES if isinstance(account, ImapAccount) else POP3_SCOPES
+        return self.bearers.get(channel.id, "inbound", account.oauth2, scopes, secrets)
 
     def _poll_pop3(self, channel: Channel, mailbox: Pop3Mailbox) -> int:
         skipped = self._skipped_keys(channel.id)

@@ -413,7 +413,7 @@ class AzureAd:
         """RFC 7662 token introspection, for Dovecot's oauth2 passdb.
 
         Not an Azure AD endpoint: it stands in for Exchange's own check of
-        the tokens its IMAP servers take.
+        the tokens its IMAP and POP3 servers take.
         """
         with self.lock:
             issued = self.tokens.get(token)
@@ -422,11 +422,14 @@ class AzureAd:
                 and issued.resource == "outlook"
                 and issued.user is not None
                 and issued.expires_at > time.time()
-                and "IMAP.AccessAsUser.All" in issued.permissions
+                and bool(
+                    {"IMAP.AccessAsUser.All", "POP.AccessAsUser.All"}
+                    & issued.permissions
+                )
             )
         if not active or issued is None:
             return {"active": False}
-        return {"active": True, "username": issued.user, "scope": "IMAP"}
+        return {"active": True, "username": issued.user, "scope": "IMAP POP"}
 
 
 class AzureAdRoutes:
