@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import base64
 import poplib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from shared.accounts import GraphAccount, MicrosoftLogin, TokenLogin
+from shared.accounts import MicrosoftLogin, TokenLogin
 from shared.errors import ChannelAuthError
 from shared.oauth import HttpSession, Scopes, TokenSource
 
@@ -80,9 +80,7 @@ def bearer_for(
     )
 
 
-def secrets_used(
-    login: MicrosoftLogin | TokenLogin | GraphAccount, direction: str
-) -> tuple[str, ...]:
+def secrets_used(login: MicrosoftLogin | TokenLogin, direction: str) -> tuple[str, ...]:
     """The channel secrets a login reads; a change to one calls for a new bearer."""
     if isinstance(login, TokenLogin):
         return (token_secret(direction),)
@@ -138,6 +136,25 @@ class Bearers:
     def forget(self, channel_id: int) -> None:
         for direction in ("inbound", "outbound"):
             self._kept.pop((channel_id, direction), None)
+
+
+def log_in_renewing(
+    bearer: Bearer,
+    log_in: Callable[[str], None],
+    refused: type[Exception],
+) -> None:
+    """Log in with the bearer's token; when the server refuses it (``refused``
+    is raised), renew the token and try once more. A token that renewing does
+    not change, such as a stored one, is not sent twice."""
+    token = bearer.access_token()
+    try:
+        log_in(token)
+    except refused:
+        bearer.forget_token()
+        renewed = bearer.access_token()
+        if renewed == token:
+            raise
+        log_in(renewed)
 
 
 def pop3_xoauth2(session: poplib.POP3, username: str, token: str) -> None:

@@ -29,7 +29,7 @@ from shared.checkpoints import Checkpoint
 from shared.errors import ChannelAuthError, ChannelConnectError, ChannelProtocolError
 from shared.logs import get_logger
 from shared.models import MailSource, Protocol
-from shared.xoauth2 import Bearer
+from shared.xoauth2 import Bearer, log_in_renewing
 
 log = get_logger(__name__)
 
@@ -371,16 +371,10 @@ class ImapMailbox:
         """AUTHENTICATE XOAUTH2; a refused token is renewed and tried once more."""
         username = self.account.username
         self._require_xoauth2(client)
-        token = bearer.access_token()
         try:
-            try:
-                client.oauth2_login(username, token)
-            except LoginError:
-                bearer.forget_token()
-                renewed = bearer.access_token()
-                if renewed == token:
-                    raise
-                client.oauth2_login(username, renewed)
+            log_in_renewing(
+                bearer, lambda token: client.oauth2_login(username, token), LoginError
+            )
         except LoginError as exc:
             raise ChannelAuthError(
                 f"{self._where} refused the OAuth token for {username!r} "

@@ -16,7 +16,12 @@ from services.poller.imap import connect_failure, tls_context
 from shared.accounts import Pop3Account, Security
 from shared.errors import ChannelAuthError, ChannelConnectError, ChannelProtocolError
 from shared.models import MailSource, Protocol
-from shared.xoauth2 import Bearer, pop3_offers_xoauth2, pop3_xoauth2
+from shared.xoauth2 import (
+    Bearer,
+    log_in_renewing,
+    pop3_offers_xoauth2,
+    pop3_xoauth2,
+)
 
 # poplib refuses lines over 2048 bytes, yet real mail has longer lines (HTML
 # without line breaks); a line is allowed up to this many bytes instead.
@@ -222,15 +227,11 @@ class Pop3Mailbox:
                     "connection; sign in with a password instead, or check the "
                     "security setting: many servers offer it only over TLS"
                 )
-            token = bearer.access_token()
-            try:
-                pop3_xoauth2(session, username, token)
-            except poplib.error_proto:
-                bearer.forget_token()
-                renewed = bearer.access_token()
-                if renewed == token:
-                    raise
-                pop3_xoauth2(session, username, renewed)
+            log_in_renewing(
+                bearer,
+                lambda token: pop3_xoauth2(session, username, token),
+                poplib.error_proto,
+            )
         except poplib.error_proto as exc:
             raise ChannelAuthError(
                 f"{self._where} refused the OAuth token for {username!r} "
